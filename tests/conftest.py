@@ -1,0 +1,26 @@
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_WEIGHTS = pathlib.Path(os.environ.get("HRLR_SHARED_WEIGHTS", ROOT.parent / "shared" / "weights"))
+
+
+@pytest.fixture(scope="session")
+def shared_weights() -> pathlib.Path:
+    if not SHARED_WEIGHTS.is_dir():
+        pytest.skip(f"real weights folder not found at {SHARED_WEIGHTS} (set HRLR_SHARED_WEIGHTS)")
+    return SHARED_WEIGHTS
+
+
+def psnr(a, b, peak: float = 1.0) -> float:
+    import torch
+
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    if mse == 0:
+        return float("inf")
+    return 10 * __import__("math").log10(peak * peak / mse)

@@ -1,0 +1,280 @@
+"""Memory meter: who used how much memory, and for how long.
+
+The meter samples the process's resident set (VmRSS) and its kernel-kept peak (VmHWM)
+from ``/proc/self/status`` on a background thread every couple of milliseconds, and on
+CUDA ``torch.cuda.max_memory_allocated``.  Code marks what it is doing with nested
+labels (``with meter.stage("tiled_unet"):`` / ``with meter.module("unet.output_blocks"):``);
+every sample is credited to all open labels, and when VmHWM rises the new peak is
+credited to the labels open at that moment, so the process peak is always attributed
+to a stage even if it lasted less than one sampling interval.
+
+Usage::
+
+    with MemoryMeter() as meter:
+        with meter.stage("text_encoder"):
+            ...
+    print(meter.report().table())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+MB = 1024 * 1024
+
+
+def read_status_kb(keys: tuple[str, ...] = ("VmRSS", "VmHWM"), pid: int | str = "self") -> dict[str, int]:
+    """Selected fields of /proc/<pid>/status in kB (empty dict off Linux)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                k, _, v = line.partition(b":")
+                ks = k.decode()
+                if ks in keys:
+                    out[ks] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def rss_mb() -> float:
+    return read_status_kb(("VmRSS",)).get("VmRSS", 0) / 1024
+
+
+def hwm_mb() -> float:
+    return read_status_kb(("VmHWM",)).get("VmHWM", 0) / 1024
+
+
+@dataclass
+class Entry:
+    name: str
+    kind: str  # "stage" | "module" | "note"
+    peak_rss_mb: float = 0.0
+    seconds: float = 0.0
+    calls: int = 0
+    peak_vram_mb: float | None = None
+    start_rss_mb: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class MemoryReport:
+    peak_rss_mb: float
+    baseline_rss_mb: float
+    peak_vram_mb: float | None
+    wall_s: float
+    entries: list[Entry]
+
+    def as_dict(self) -> dict:
+        return {
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "baseline_rss_mb": round(self.baseline_rss_mb, 1),
+            "peak_vram_mb": None if self.peak_vram_mb is None else round(self.peak_vram_mb, 1),
+            "wall_s": round(self.wall_s, 3),
+            "modules": [
+                {
+                    "name": e.name,
+                    "kind": e.kind,
+                    "peak_rss_mb": round(e.peak_rss_mb, 1),
+                    "seconds": round(e.seconds, 3),
+                    "calls": e.calls,
+                    "peak_vram_mb": None if e.peak_vram_mb is None else round(e.peak_vram_mb, 1),
+                    **({"extra": e.extra} if e.extra else {}),
+                }
+                for e in self.entries
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def table(self) -> str:
+        vram = self.peak_vram_mb is not None
+        head = f"{'stage / module':<34}{'peak RSS MB':>12}{'seconds':>10}{'calls':>7}" + (f"{'peak VRAM MB':>14}" if vram else "")
+        lines = [head, "-" * len(head)]
+        for e in self.entries:
+            indent = "  " if e.kind == "module" else ""
+            row = f"{indent + e.name:<34}{e.peak_rss_mb:>12.1f}{e.seconds:>10.2f}{e.calls:>7}"
+            if vram:
+                row += f"{(e.peak_vram_mb or 0):>14.1f}"
+            lines.append(row)
+        lines.append("-" * len(head))
+        tail = f"{'process peak (VmHWM)':<34}{self.peak_rss_mb:>12.1f}{self.wall_s:>10.2f}"
+        if vram:
+            tail += f"{'':>7}{self.peak_vram_mb:>14.1f}"
+        lines.append(tail)
+        return "\n".join(lines)
+
+
+class MemoryMeter:
+    """Samples RSS (and CUDA peak allocation) and attributes peaks to nested labels."""
+
+    def __init__(self, interval_s: float = 0.002, cuda_device=None):
+        self.interval_s = interval_s
+        self.cuda_device = cuda_device
+        self._entries: dict[str, Entry] = {}
+        self._open: list[Entry] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_hwm_kb = 0
+        self._t0 = 0.0
+        self._baseline = 0.0
+        self._wall = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "MemoryMeter":
+        st = read_status_kb()
+        self._baseline = st.get("VmRSS", 0) / 1024
+        self._last_hwm_kb = st.get("VmHWM", 0)
+        self._t0 = time.perf_counter()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="hrlr-memory-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._sample()
+            self._wall = time.perf_counter() - self._t0
+
+    def __enter__(self) -> "MemoryMeter":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- sampling --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        st = read_status_kb()
+        if not st:
+            return
+        rss = st.get("VmRSS", 0) / 1024
+        hwm_kb = st.get("VmHWM", 0)
+        with self._lock:
+            peak = rss
+            if hwm_kb > self._last_hwm_kb:
+                # the process reached a new peak since the last sample, while these labels were open
+                peak = max(peak, hwm_kb / 1024)
+                self._last_hwm_kb = hwm_kb
+            for e in self._open:
+                if peak > e.peak_rss_mb:
+                    e.peak_rss_mb = peak
+
+    def _cuda(self):
+        if self.cuda_device is None:
+            return None
+        import torch
+
+        return torch.cuda
+
+    # -- labels ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _label(self, name: str, kind: str):
+        cuda = self._cuda()
+        with self._lock:
+            e = self._entries.get(name)
+            if e is None:
+                e = self._entries[name] = Entry(name=name, kind=kind)
+            e.calls += 1
+            self._open.append(e)
+        self._sample()
+        if cuda is not None:
+            cuda.synchronize(self.cuda_device)
+            outer = cuda.max_memory_allocated(self.cuda_device)
+            cuda.reset_peak_memory_stats(self.cuda_device)
+        t = time.perf_counter()
+        try:
+            yield e
+        finally:
+            self._sample()
+            e.seconds += time.perf_counter() - t
+            if cuda is not None:
+                cuda.synchronize(self.cuda_device)
+                inner = cuda.max_memory_allocated(self.cuda_device) / MB
+                e.peak_vram_mb = max(e.peak_vram_mb or 0.0, inner)
+                # keep enclosing labels' peaks right: they saw at least this much
+                for o in self._open[:-1]:
+                    o.peak_vram_mb = max(o.peak_vram_mb or 0.0, inner, outer / MB)
+            with self._lock:
+                self._open.remove(e)
+
+    def stage(self, name: str):
+        """A pipeline stage (text encoder, base UNet, guide encode, tiled UNet, VAE decode...)."""
+        return self._label(name, "stage")
+
+    def module(self, name: str):
+        """A model part inside a stage (e.g. ``unet.output_blocks``); may be entered many times."""
+        return self._label(name, "module")
+
+    def note(self, name: str, peak_mb: float, seconds: float = 0.0, **extra) -> None:
+        """Record a figure measured elsewhere (e.g. the streaming cache's resident bytes)."""
+        with self._lock:
+            e = self._entries.get(name)
+            if e is None:
+                e = self._entries[name] = Entry(name=name, kind="note")
+            e.calls += 1
+            e.peak_rss_mb = max(e.peak_rss_mb, peak_mb)
+            e.seconds += seconds
+            e.extra.update(extra)
+
+    # -- results ---------------------------------------------------------------------------
+    def report(self) -> MemoryReport:
+        self._sample()
+        cuda = self._cuda()
+        vram = None
+        if cuda is not None:
+            vram = max([e.peak_vram_mb or 0.0 for e in self._entries.values()] + [cuda.max_memory_allocated(self.cuda_device) / MB])
+        wall = self._wall if self._thread is None and self._wall else time.perf_counter() - self._t0
+        with self._lock:
+            entries = [Entry(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in asdict(e).items()}) for e in self._entries.values()]
+        return MemoryReport(
+            peak_rss_mb=self._last_hwm_kb / 1024,
+            baseline_rss_mb=self._baseline,
+            peak_vram_mb=vram,
+            wall_s=wall,
+            entries=entries,
+        )
+
+
+def attach_module_labels(meter: MemoryMeter, named_modules: dict[str, object]):
+    """Label forward passes of the given modules in ``meter``; returns a context manager that removes the hooks."""
+    stack = contextlib.ExitStack()
+    handles = []
+    active: dict[int, object] = {}
+
+    for name, mod in named_modules.items():
+        def pre(m, args, _name=name):
+            cm = meter.module(_name)
+            cm.__enter__()
+            active[id(m)] = cm
+
+        def post(m, args, out):
+            cm = active.pop(id(m), None)
+            if cm is not None:
+                cm.__exit__(None, None, None)
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post, always_call=True))
+
+    def remove():
+        for h in handles:
+            h.remove()
+        for cm in list(active.values()):
+            cm.__exit__(None, None, None)
+        active.clear()
+
+    stack.callback(remove)
+    return stack

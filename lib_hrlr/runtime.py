@@ -1,0 +1,110 @@
+"""Where and in what precision we compute, and how the process allocator behaves.
+
+Everything here is explicit: nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidInput
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
+    """bf16 matmuls are only fast with AVX512-BF16 or AMX; elsewhere they fall back to slow paths."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise InvalidInput("device", f"'{name}' is not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidInput("device", f"'{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device", f"'{name}' was asked for but torch sees no CUDA device; use cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device, flags: frozenset[str] | None = None) -> torch.dtype:
+    """``auto`` is fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX, fp32 otherwise."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16(flags) else torch.float32
+    if name not in DTYPES:
+        raise InvalidInput("dtype", f"'{name}' is not a compute dtype; use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class AllocatorTuning:
+    applied: bool
+    detail: str
+
+
+def tune_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2) -> AllocatorTuning:
+    """Make glibc return freed tensor memory to the kernel at once.
+
+    Tensors above ``mmap_threshold`` bytes are served by mmap and unmapped on free, instead
+    of glibc's default, which raises the threshold dynamically and keeps freed blocks in its
+    heaps (resident memory that no longer holds anything).  Fewer arenas keep worker threads
+    from each hoarding their own heap.  Process-wide; call once from a program's entry point.
+    """
+    if not sys.platform.startswith("linux"):
+        return AllocatorTuning(False, "not glibc/Linux")
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return AllocatorTuning(False, "libc not found")
+    try:
+        libc = ctypes.CDLL(libc_name)
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+        ok = libc.mallopt(m_mmap_threshold, mmap_threshold) == 1
+        ok &= libc.mallopt(m_trim_threshold, 4 * mmap_threshold) == 1
+        ok &= libc.mallopt(m_arena_max, arenas) == 1
+    except (OSError, AttributeError) as e:
+        return AllocatorTuning(False, f"mallopt unavailable: {e}")
+    return AllocatorTuning(bool(ok), f"mmap_threshold={mmap_threshold} arenas={arenas}")
+
+
+def trim_allocator() -> None:
+    """Hand free heap memory back to the kernel (glibc ``malloc_trim``); no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def cache_dir() -> str:
+    return os.environ.get("HRLR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hrlr")

@@ -1,0 +1,114 @@
+"""``python -m lib_hrlr bench``: the same ``generate`` a user runs, in a child process, measured from outside.
+
+The child's peak resident set comes from the kernel (``wait4``'s ``ru_maxrss``, the same
+number as the child's VmHWM), so nothing the child does can hide memory from it.  Weights
+are seeded random values in the exact architecture (memory and speed do not depend on
+their values), written once to ``$HRLR_CACHE`` (default ``~/.cache/hrlr``).
+
+``overhead_ratio`` = wall time ÷ (UNet evaluations × one evaluation's compute time), where
+one evaluation is one sample at the native tile size, timed inside the same run with its
+weights in memory (loading excluded): 1.0 would mean the run did nothing but UNet math.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPT = "a lighthouse on a cliff above a stormy sea at sunset, dramatic clouds, highly detailed"
+NEGATIVE = "blurry, low quality"
+
+
+def default_taesd_dir() -> str | None:
+    env = os.environ.get("HRLR_TAESD_DIR")
+    if env:
+        return env
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    cand = repo.parent / "shared" / "weights" / "taesd"
+    return str(cand) if cand.is_dir() else None
+
+
+def child_command(a, ckpt: str, out_png: str, report: str) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "lib_hrlr", "generate",
+        "--model", ckpt, "--prompt", PROMPT, "--negative", NEGATIVE,
+        "--width", str(a.width), "--height", str(a.height),
+        "--steps", str(a.steps), "--strength", str(a.strength), "--sampler", a.sampler,
+        "--seed", "1", "--vae", a.vae, "--dtype", a.dtype, "--budget-mb", str(a.budget_mb),
+        "--out", out_png, "--report", report, "--quiet",
+    ]
+    if a.tile_batch:
+        cmd += ["--tile-batch", str(a.tile_batch)]
+    if a.vae == "taesd":
+        d = a.taesd_dir or default_taesd_dir()
+        if d:
+            cmd += ["--taesd-dir", d]
+    return cmd
+
+
+def run_bench(a) -> int:
+    from ..errors import InvalidInput
+    from ..weights.random_checkpoint import cached_random_checkpoint
+
+    if a.arch not in ("sd15", "tiny"):
+        raise InvalidInput("arch", f"'{a.arch}' is not one of: sd15, tiny")
+    t0 = time.perf_counter()
+    ckpt = str(cached_random_checkpoint(a.arch))
+    print(f"checkpoint: {ckpt} ({os.path.getsize(ckpt) / 2**30:.2f} GiB, ready in {time.perf_counter() - t0:.0f} s)",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="hrlr-bench-") as tmp:
+        out_png = os.path.join(tmp, "bench.png")
+        report = os.path.join(tmp, "report.json")
+        cmd = child_command(a, ckpt, out_png, report)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            print(f"bench: generate failed with exit status {proc.returncode}", file=sys.stderr)
+            return proc.returncode if proc.returncode > 0 else 1
+        with open(report) as fh:
+            rep = json.load(fh)
+        if a.keep_image:
+            os.replace(out_png, a.keep_image)
+    peak_mb = usage.ru_maxrss / 1024  # kB on Linux
+    st = rep["stats"]
+    evals = st["unet_evals"]
+    eval_s = st["unet_eval_s"]
+    ratio = wall / (evals * eval_s) if evals and eval_s else float("nan")
+    modules = [
+        {"name": m["name"], "peak_rss_mb": m["peak_rss_mb"], "seconds": m["seconds"]}
+        for m in rep["memory"]["modules"]
+    ]
+    result = {
+        "arch": a.arch, "width": a.width, "height": a.height, "steps": a.steps, "strength": a.strength,
+        "sampler": a.sampler, "vae": a.vae, "dtype": st.get("dtype"), "budget_mb": a.budget_mb,
+        "tiles": st.get("tiles"), "tile_batch": st.get("tile_batch"), "unet_cache_mb": st.get("unet_cache_mb"),
+        "peak_rss_mb": round(peak_mb, 1),
+        "child_reported_peak_rss_mb": rep["memory"]["peak_rss_mb"],
+        "wall_s": round(wall, 2),
+        "unet_evals": evals,
+        "unet_eval_s": round(eval_s, 4),
+        "overhead_ratio": round(ratio, 4),
+        "modules": modules,
+        "plan": rep["plan"],
+        "threads": __import__("torch").get_num_threads(),
+    }
+    for m in modules:
+        print(f"  {m['name']:<30} {m['peak_rss_mb']:>9.1f} MB {m['seconds']:>9.2f} s", file=sys.stderr)
+    if a.json:
+        tmpj = a.json + ".tmp"
+        with open(tmpj, "w") as fh:
+            json.dump(result, fh, indent=2)
+        os.replace(tmpj, a.json)
+    print(f"wall_s={result['wall_s']} unet_evals={evals} unet_eval_s={result['unet_eval_s']}")
+    print(f"peak_rss_mb={result['peak_rss_mb']} overhead_ratio={result['overhead_ratio']}")
+    return 0

@@ -1,0 +1,120 @@
+"""Command line: ``python -m lib_hrlr generate ...`` and ``python -m lib_hrlr bench ...``.
+
+Exit status: 0 done, 2 bad input (the message names the field), 130 interrupted, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="text to image at any size in a fixed memory budget")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default="")
+    g.add_argument("--width", type=int, required=True)
+    g.add_argument("--height", type=int, required=True)
+    g.add_argument("--model", default=None,
+                   help="SD 1.x checkpoint (.safetensors, .ckpt) or diffusers folder; "
+                        "without it the default hub model is used when online")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--base-steps", type=int, default=None, help="steps of the native-size base pass (default: --steps)")
+    g.add_argument("--strength", type=float, default=0.45, help="how much the tiled pass may change the upscaled base")
+    g.add_argument("--sampler", default="dpmpp_2m_karras",
+                   help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim (or the webui's names)")
+    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--seed", type=int, default=-1)
+    g.add_argument("--tile", type=int, default=64, help="tile size in latent px (64 = 512 px for SD 1.x)")
+    g.add_argument("--overlap", type=int, default=16, help="tile overlap in latent px")
+    g.add_argument("--tile-batch", type=int, default=None, help="tiles per UNet call (default: what the budget allows)")
+    g.add_argument("--weighting", default="gaussian", choices=None, help="gaussian (Mixture of Diffusers) or uniform (MultiDiffusion)")
+    g.add_argument("--region", action="append", default=[], metavar="X,Y,W,H[,WEIGHT]:PROMPT",
+                   help="a rectangle in output pixels with its own prompt; repeatable")
+    g.add_argument("--vae", default="full", help="full (tiled SD VAE, exact) or taesd (fast)")
+    g.add_argument("--vae-tile", type=int, default=None, help="VAE decode tile in latent px (default: from the budget)")
+    g.add_argument("--vae-attention", default="global", help="global (exact) or tile (faster, approximate)")
+    g.add_argument("--taesd-dir", default=None, help="folder with taesd_encoder/decoder.safetensors (or $HRLR_TAESD_DIR)")
+    g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CPUs with AVX512-BF16, else fp32; fp16 on CUDA)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--vae-device", default="cpu", help="where the VAE runs (cpu keeps VRAM for the UNet)")
+    g.add_argument("--budget-mb", type=float, default=800.0)
+    g.add_argument("--spill-dir", default=None, help="folder for the tiled VAE's temporary files (default: system temp)")
+    g.add_argument("--out", default="hrlr.png")
+    g.add_argument("--report", default=None, help="write the memory/time report as JSON here")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="measure peak RSS and time of generate in a child process, with random weights")
+    b.add_argument("--arch", default="sd15", help="sd15 (exact SD 1.5 architecture) or tiny")
+    b.add_argument("--width", type=int, default=2048)
+    b.add_argument("--height", type=int, default=2048)
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--strength", type=float, default=0.45)
+    b.add_argument("--sampler", default="dpmpp_2m_karras")
+    b.add_argument("--vae", default="full")
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--budget-mb", type=float, default=800.0)
+    b.add_argument("--tile-batch", type=int, default=None)
+    b.add_argument("--taesd-dir", default=None)
+    b.add_argument("--json", default=None, help="write the results here")
+    b.add_argument("--keep-image", default=None, help="also keep the generated PNG here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib_hrlr", description="HighRes-LowRAM: Stable Diffusion at 2K+ in 800 MB")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_bench(sub)
+    return p
+
+
+def params_from_args(a) -> "GenerationParams":
+    from .pipeline.params import GenerationParams
+    from .tiling.regions import parse_region
+
+    regions = tuple(parse_region(s, index=i) for i, s in enumerate(a.region))
+    return GenerationParams(
+        prompt=a.prompt, negative=a.negative, width=a.width, height=a.height, model=a.model,
+        steps=a.steps, base_steps=a.base_steps, strength=a.strength, sampler=a.sampler, cfg=a.cfg,
+        seed=a.seed, tile=a.tile, overlap=a.overlap, weighting=a.weighting, regions=regions,
+        tile_batch=a.tile_batch, vae=a.vae, vae_tile=a.vae_tile, vae_attention=a.vae_attention,
+        taesd_dir=a.taesd_dir, clip_skip=a.clip_skip, dtype=a.dtype, device=a.device,
+        vae_device=a.vae_device, budget_mb=a.budget_mb, spill_dir=a.spill_dir, out=a.out, report=a.report,
+    )
+
+
+def run_generate(a) -> int:
+    from .memory.meter import MemoryMeter
+    from .pipeline.generate import generate
+    from .pipeline.progress import TerminalBar
+    from .runtime import tune_allocator
+
+    tune_allocator()
+    params = params_from_args(a)
+    with MemoryMeter() as meter:
+        result = generate(params, meter=meter, progress=None if a.quiet else TerminalBar(),
+                          log=None if a.quiet else (lambda s: print(s, file=sys.stderr)))
+    print(meter.report().table(), file=sys.stderr)
+    print(f"wrote {result.path} ({result.params.width}x{result.params.height}, seed {result.params.seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import HrlrError, Interrupted
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        from .bench.run import run_bench
+
+        return run_bench(args)
+    except HrlrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt):
+        print("interrupted: no image was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,252 @@
+"""The text-to-image pipeline, stage by stage, one model component resident at a time.
+
+    text encoding → base image at native size → guide (upscale + tiled VAE encode + noise)
+    → tiled region denoising over the full canvas → tiled VAE decode → PNG
+
+Every stage runs inside a memory-meter label, so the report says which stage and which
+module set the peak.  Nothing is written to ``params.out`` until the PNG is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from ..config.architectures import ModelConfig
+from ..errors import InvalidInput
+from ..memory.budget import BudgetPlan, plan_budget
+from ..memory.meter import MemoryMeter, attach_module_labels, rss_mb
+from ..runtime import DTYPE_NAMES, resolve_device, resolve_dtype, trim_allocator
+from ..sampling.denoiser import EpsDenoiser
+from ..sampling.samplers import get_sampler
+from ..sampling import schedule as sched
+from ..tiling.mixture import MixtureDenoiser
+from ..tiling.plan import plan_tiles
+from .params import GenerationParams, base_size, validate
+from .progress import Progress
+from . import components
+
+
+@dataclass
+class GenerationResult:
+    path: str
+    infotext: str
+    params: GenerationParams
+    plan: BudgetPlan
+    report: dict
+    stats: dict = field(default_factory=dict)
+
+
+class NoiseSource:
+    """Seeded Gaussian noise drawn for the whole canvas, so results don't depend on tiling."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self, shape) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+
+
+def _sampler_label(name: str) -> tuple[str, str]:
+    spec = get_sampler(name)
+    return spec.label, spec.schedule
+
+
+def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: BudgetPlan) -> str:
+    from ..image.infotext import format_infotext
+
+    label, schedule = _sampler_label(p.sampler)
+    fields = {
+        "Steps": p.steps,
+        "Sampler": label,
+        "Schedule type": schedule.capitalize(),
+        "CFG scale": p.cfg,
+        "Seed": p.seed,
+        "Size": f"{p.width}x{p.height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+        "Denoising strength": p.strength,
+        "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+        "HRLR base steps": p.base_steps if p.base_steps not in (None, p.steps) else None,
+        "HRLR tile": p.tile,
+        "HRLR overlap": p.overlap,
+        "HRLR weighting": p.weighting,
+        "HRLR tile batch": plan.tile_batch,
+        "HRLR VAE": p.vae,
+        "HRLR regions": json.dumps([r.to_dict() for r in p.regions]) if p.regions else None,
+        "HRLR budget MB": int(p.budget_mb),
+    }
+    return format_infotext(p.prompt, p.negative, {k: v for k, v in fields.items() if v is not None})
+
+
+def generate(
+    params: GenerationParams,
+    *,
+    meter: MemoryMeter | None = None,
+    progress: Callable | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Run the whole pipeline and write ``params.out``; raise HrlrError subclasses on bad input."""
+    own_meter = meter is None
+    meter = meter or MemoryMeter()
+    if own_meter:
+        meter.start()
+    prog = Progress(progress)
+    say = log or (lambda s: None)
+    stats: dict = {}
+    t_start = time.perf_counter()
+    try:
+        device = resolve_device(params.device)
+        dtype = resolve_dtype(params.dtype, device)
+        vae_device = resolve_device(params.vae_device)
+        vae_dtype = dtype if vae_device.type == device.type else resolve_dtype(params.dtype, vae_device)
+        if device.type == "cuda":
+            meter.cuda_device = device
+
+        with meter.stage("load"):
+            ckpt = components.open_model(params.model)
+        cfg: ModelConfig = ckpt.config
+        validate(params, cfg)
+        params = params.with_seed()
+        f = cfg.vae.downscale
+        lh, lw = params.height // f, params.width // f
+        tiles = plan_tiles(lh, lw, params.tile, params.overlap)
+
+        baseline = rss_mb()
+        plan = plan_budget(
+            cfg,
+            budget_mb=params.budget_mb,
+            baseline_mb=baseline,
+            tile=params.tile,
+            n_tiles=len(tiles.tiles),
+            dtype_bytes=torch.finfo(dtype).bits // 8,
+            taesd=params.vae == "taesd",
+            tile_batch=params.tile_batch,
+            vae_tile=params.vae_tile,
+            unet_total_mb=components.component_mb(ckpt, "unet", dtype),
+        )
+        say(plan.table())
+        cache_bytes = int(plan.unet_cache_mb * 1024 * 1024)
+        noise = NoiseSource(params.seed)
+
+        # 1. text encoding ---------------------------------------------------------------
+        prompts = [params.prompt, params.negative] + [r.prompt for r in params.regions]
+        with meter.stage("text_encoder"):
+            prog.stage("text", len(prompts))
+            contexts = components.encode_text(ckpt, prompts, params.clip_skip, dtype, device, cache_bytes)
+            prog.update(len(prompts))
+        trim_allocator()
+        cond, uncond, region_ctx = contexts[0], contexts[1], contexts[2:]
+
+        spec = get_sampler(params.sampler)
+        schedule = sched.DiscreteSchedule.sd()
+        base_steps = params.base_steps or params.steps
+
+        # 2. base image at native size ---------------------------------------------------
+        bw, bh = base_size(params.width, params.height, cfg.native_size)
+        with meter.stage("base_unet"), components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
+            den = EpsDenoiser(unet, schedule, dtype=dtype, device=device)
+            x = noise((1, cfg.unet.in_channels, bh // f, bw // f))
+            sigmas = sched.sigmas_for(schedule, spec.schedule, base_steps)
+            prog.stage("base", len(sigmas) - 1)
+            x = x * sigmas[0]
+            cond_fn = lambda xx, s: den.cfg(xx, s, cond, uncond, params.cfg)
+            base_latent = spec.fn(cond_fn, x, sigmas, noise=noise,
+                                  callback=lambda i, *_: prog.update(i + 1, f"step {i + 1}"),
+                                  should_stop=should_stop)
+            stats["base_unet_evals"] = den.evals
+        trim_allocator()
+
+        # 3. guide: decode the base, upscale, encode at the target size, add noise -------
+        with meter.stage("base_decode"):
+            prog.stage("base decode", 1)
+            base_image = components.decode_to_pil(ckpt, params, base_latent, vae_dtype, vae_device,
+                                                  plan.vae_tile, should_stop)
+            prog.update(1)
+        trim_allocator()
+        with meter.stage("guide_encode"):
+            prog.stage("guide encode", 1)
+            guide = components.encode_guide(ckpt, params, base_image, vae_dtype, vae_device,
+                                            plan.vae_tile * f, should_stop,
+                                            lambda d, t: prog.update(d, "tile segments") if t else None)
+            prog.update(1)
+        trim_allocator()
+
+        # 4. tiled region denoising over the full canvas ----------------------------------
+        sigmas = sched.img2img_sigmas(schedule, spec.schedule, params.steps, params.strength)
+        with meter.stage("tiled_unet"), components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
+            den = EpsDenoiser(unet, schedule, dtype=dtype, device=device)
+            stats["unet_eval_s"] = components.time_one_eval(unet, cfg, params.tile, cond, dtype, device, meter)
+            mix = MixtureDenoiser(
+                den,
+                tiles,
+                cond=cond,
+                uncond=uncond,
+                cfg_scale=params.cfg,
+                regions=[(r, ctx) for r, ctx in zip(params.regions, region_ctx)],
+                latent_factor=f,
+                weighting=params.weighting,
+                batch_size=2 * plan.tile_batch,
+                should_stop=should_stop,
+            )
+            x = guide + noise(guide.shape) * sigmas[0]
+            steps_total = len(sigmas) - 1
+            prog.stage("tiled", steps_total * mix.total_jobs)
+            step = {"i": 0}
+            mix.progress = lambda done, total: prog.update(step["i"] * total + done,
+                                                           f"step {step['i'] + 1}/{steps_total} tile {done}/{total}")
+
+            def on_step(i, *_):
+                step["i"] = i + 1
+
+            latent = spec.fn(mix, x, sigmas, noise=noise, callback=on_step, should_stop=should_stop)
+            stats["tiled_unet_evals"] = den.evals
+            stats["unet_calls"] = mix.unet_calls
+        trim_allocator()
+
+        # 5. decode and write ---------------------------------------------------------------
+        infotext = build_infotext(params, ckpt.name, ckpt.sha256_short, plan)
+        with meter.stage("vae_decode"):
+            prog.stage("decode", 1)
+            components.decode_to_png(ckpt, params, latent, vae_dtype, vae_device, plan.vae_tile,
+                                     params.out, infotext, should_stop,
+                                     lambda d, t: prog.update(d * 1 // max(t, 1)))
+            prog.update(1)
+        stats["unet_evals"] = stats["base_unet_evals"] + stats["tiled_unet_evals"]
+        stats["wall_s"] = time.perf_counter() - t_start
+        stats["dtype"] = DTYPE_NAMES[dtype]
+        stats["device"] = str(device)
+        stats["tiles"] = len(tiles.tiles)
+        stats["tile_batch"] = plan.tile_batch
+        stats["unet_cache_mb"] = round(plan.unet_cache_mb, 1)
+        stats["seed"] = params.seed
+    finally:
+        if own_meter:
+            meter.stop()
+    rep = meter.report().as_dict()
+    result = GenerationResult(path=params.out, infotext=infotext, params=params, plan=plan, report=rep, stats=stats)
+    if params.report:
+        write_report(params.report, result)
+    return result
+
+
+def write_report(path: str, result: GenerationResult) -> None:
+    data = {
+        "output": result.path,
+        "infotext": result.infotext,
+        "stats": result.stats,
+        "plan": {"tile_batch": result.plan.tile_batch, "unet_cache_mb": result.plan.unet_cache_mb,
+                 "vae_tile": result.plan.vae_tile,
+                 "stages": [asdict(s) for s in result.plan.stages]},
+        "memory": result.report,
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)

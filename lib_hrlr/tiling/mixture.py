@@ -1,0 +1,216 @@
+"""Mixture of Diffusers over a large latent canvas: one k-diffusion denoiser call denoises
+every tile job and blends their estimates with per-tile weights.
+
+Jobs:
+
+* the global prompt on every tile of the :class:`TilePlan`;
+* for each :class:`Region`, tiles covering its rectangle with the region's prompt.  Along an
+  axis where the region is at least a tile long, full tiles step across it (the last one
+  aligned to its far edge); where it is shorter, the tile is cropped to the region, rounded
+  up to the UNet's size multiple (8 latent px for SD) and centred on it (kept inside the
+  canvas).  A region job only writes inside its rectangle (it is masked to it).
+
+A job's weight is the tile weighting (Gaussian or uniform) of its crop times the job weight
+(1 for the global prompt, ``Region.weight`` for regions).  One call returns
+``Σ w·denoised / Σ w`` over all jobs, float32, where each job's ``denoised`` is the
+classifier-free guided estimate of :class:`EpsDenoiser`.
+
+UNet batches hold up to ``batch_size`` samples (a guided job costs 2: its cond and uncond
+rows, which may fall in different batches); only crops of one size share a batch.  Jobs are
+accumulated in a fixed order, so the result does not depend on ``batch_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import InvalidInput, Interrupted
+from ..sampling.denoiser import EpsDenoiser, stack_contexts
+from .plan import Tile, TilePlan, axis_starts
+from .regions import Region, validate_regions
+from .weights import WEIGHTINGS
+
+LATENT_DOWNSCALE = 8
+UNET_SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True, eq=False)
+class TileJob:
+    """Denoise ``crop`` with prompt ``prompt`` (index into the contexts) and add
+    ``weight * denoised`` over ``box`` (a part of ``crop``; ``weight`` is ``(box.h, box.w)``)."""
+
+    crop: Tile
+    box: Tile
+    prompt: int
+    weight: torch.Tensor
+
+
+def _ceil_to(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def _region_axis(start: int, length: int, canvas: int, tile: int, stride: int, multiple: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the tiles covering ``[start, start+length)`` along one axis."""
+    if length >= tile:
+        return [(start + s, tile) for s in axis_starts(length, tile, stride)]
+    size = min(tile, _ceil_to(length, multiple), canvas)
+    offset = start - (size - length) // 2
+    return [(min(max(offset, 0), canvas - size), size)]
+
+
+def build_jobs(
+    plan: TilePlan,
+    regions: Sequence[Region] = (),
+    weighting: str = "gaussian",
+    downscale: int = LATENT_DOWNSCALE,
+    size_multiple: int = UNET_SIZE_MULTIPLE,
+) -> tuple[TileJob, ...]:
+    """The jobs of one canvas: global tiles first (prompt 0), then region ``i``'s tiles (prompt i+1)."""
+    if weighting not in WEIGHTINGS:
+        raise InvalidInput("weighting", f"unknown weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
+    weigh = WEIGHTINGS[weighting]
+    validate_regions(regions, width=plan.width * downscale, height=plan.height * downscale)
+    jobs = [TileJob(t, t, 0, weigh(t.h, t.w)) for t in plan.tiles]
+    stride = plan.tile - plan.overlap
+    for i, region in enumerate(regions):
+        ry, rx, rh, rw = region.latent_box(downscale)
+        rows = _region_axis(ry, rh, plan.height, plan.tile, stride, size_multiple)
+        cols = _region_axis(rx, rw, plan.width, plan.tile, stride, size_multiple)
+        for y, h in rows:
+            for x, w in cols:
+                crop = Tile(y, x, h, w)
+                # mask: the part of the crop inside the region's rectangle
+                by0, bx0 = max(y, ry), max(x, rx)
+                by1, bx1 = min(y + h, ry + rh), min(x + w, rx + rw)
+                box = Tile(by0, bx0, by1 - by0, bx1 - bx0)
+                full = weigh(h, w) * float(region.weight)
+                weight = full[by0 - y : by1 - y, bx0 - x : bx1 - x].contiguous()
+                jobs.append(TileJob(crop, box, i + 1, weight))
+    return tuple(jobs)
+
+
+class MixtureDenoiser:
+    """``MixtureDenoiser(...)(x, sigma) -> denoised`` for a float32 ``(1, C, H, W)`` canvas.
+
+    ``contexts``: ``(1, T, ctx)`` conditionings, the global prompt's first, then one per region
+    in order; ``negative``: the negative prompt's (needed when ``denoiser.cfg_scale != 1``).
+    ``progress(done_jobs, total_jobs)`` is called after every UNet batch; ``should_stop()`` is
+    polled before every batch and raises :class:`Interrupted`.  ``unet_calls`` / ``samples``
+    count UNet invocations and the rows they held, over the object's life.
+    """
+
+    def __init__(
+        self,
+        denoiser: EpsDenoiser,
+        plan: TilePlan,
+        contexts: Sequence[torch.Tensor],
+        negative: torch.Tensor | None = None,
+        regions: Sequence[Region] = (),
+        *,
+        weighting: str = "gaussian",
+        batch_size: int = 2,
+        downscale: int = LATENT_DOWNSCALE,
+        size_multiple: int = UNET_SIZE_MULTIPLE,
+        progress: Optional[Callable[[int, int], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInput("batch_size", f"must be a positive integer, got {batch_size!r}")
+        if len(contexts) != 1 + len(regions):
+            raise InvalidInput(
+                "prompt", f"{len(contexts)} conditionings for 1 global prompt and {len(regions)} regions"
+            )
+        all_ctx = list(contexts) + ([negative] if negative is not None else [])
+        stacked = stack_contexts(all_ctx)  # checks all share (T, ctx)
+        if denoiser.uses_uncond and negative is None:
+            raise InvalidInput("negative_prompt", "classifier-free guidance needs the negative conditioning")
+        self.denoiser = denoiser
+        self.plan = plan
+        self.contexts = stacked[: len(contexts)]
+        self.negative = stacked[len(contexts) :] if negative is not None else None
+        self.regions = tuple(regions)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.should_stop = should_stop
+        self.jobs = build_jobs(plan, self.regions, weighting, downscale, size_multiple)
+        self.weight_sum = self._weight_sum()
+        self.unet_calls = 0
+        self.samples = 0
+
+    # -- fixed per canvas -----------------------------------------------------------------------
+    def _weight_sum(self) -> torch.Tensor:
+        total = torch.zeros(self.plan.height, self.plan.width, dtype=torch.float64)
+        for job in self.jobs:
+            total[job.box.slices()] += job.weight.to(torch.float64)
+        if not bool((total > 0).all()):
+            raise RuntimeError("tile plan leaves part of the canvas without weight")
+        return total
+
+    def _groups(self) -> list[list[int]]:
+        """Job indices grouped by crop size (groups in order of first appearance, job order
+        within): the order jobs are run and accumulated in, whatever the batch size."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, job in enumerate(self.jobs):
+            groups.setdefault((job.crop.h, job.crop.w), []).append(i)
+        return list(groups.values())
+
+    @property
+    def samples_per_call(self) -> int:
+        """UNet rows one denoiser call costs (all jobs, all guidance halves)."""
+        return len(self.jobs) * self.denoiser.samples_per_job
+
+    # -- one denoiser call --------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise InvalidInput("x", f"latents must be float32, got {x.dtype}")
+        if x.ndim != 4 or x.shape[0] != 1 or tuple(x.shape[-2:]) != (self.plan.height, self.plan.width):
+            raise InvalidInput(
+                "x", f"expected a (1, C, {self.plan.height}, {self.plan.width}) canvas, got {tuple(x.shape)}"
+            )
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(())
+        den = self.denoiser
+        guided = den.uses_uncond
+        ctx = self.contexts.to(x.device)
+        neg = self.negative.to(x.device) if self.negative is not None else None
+        # float64 sums: a lone job comes back bit-exact (w*d/w == d in float64) and the
+        # rounding does not grow with the number of overlapping jobs
+        acc = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        weight_sum = self.weight_sum.to(x.device)
+        total = len(self.jobs)
+        done = 0
+
+        pending: dict[int, dict[bool, torch.Tensor]] = {}  # eps rows of a job split across batches
+
+        def finish(j: int, parts: dict[bool, torch.Tensor]) -> None:
+            job = self.jobs[j]
+            eps = den.guide(parts[False], parts[True]) if guided else parts[False]
+            crop = x[(slice(None), slice(None)) + job.crop.slices()]
+            denoised = den.to_denoised(crop, sigma, eps)
+            oy, ox = job.box.y - job.crop.y, job.box.x - job.crop.x
+            part = denoised[:, :, oy : oy + job.box.h, ox : ox + job.box.w]
+            acc[(slice(None), slice(None)) + job.box.slices()] += part.to(torch.float64) * job.weight.to(x.device)
+
+        for members in self._groups():
+            # UNet rows (job index, is_uncond) of crops of one size
+            rows = [(j, u) for j in members for u in ((False, True) if guided else (False,))]
+            for b in range(0, len(rows), self.batch_size):
+                if self.should_stop is not None and self.should_stop():
+                    raise Interrupted()
+                chunk = rows[b : b + self.batch_size]
+                xb = torch.cat([x[(slice(None), slice(None)) + self.jobs[j].crop.slices()] for j, _ in chunk])
+                cb = torch.cat([neg if u else ctx[self.jobs[j].prompt : self.jobs[j].prompt + 1] for j, u in chunk])
+                eps = den.eps(xb, sigma, cb)
+                self.unet_calls += 1
+                self.samples += len(chunk)
+                for r, (j, u) in enumerate(chunk):
+                    parts = pending.setdefault(j, {})
+                    parts[u] = eps[r : r + 1]
+                    if len(parts) == (2 if guided else 1):
+                        finish(j, pending.pop(j))
+                        done += 1
+                if self.progress is not None:
+                    self.progress(done, total)
+        return (acc / weight_sum).to(torch.float32)

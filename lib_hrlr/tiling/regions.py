@@ -1,0 +1,101 @@
+"""Regional prompts: a rectangle of the image (in image pixels) denoised with its own prompt.
+
+Text form: ``"x,y,w,h:prompt"`` or ``"x,y,w,h,weight:prompt"``.  Only the first ``:``
+separates the geometry from the prompt, so the prompt may itself contain ``:`` and ``,``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ..errors import InvalidInput
+
+PIXEL_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Region:
+    """``x, y`` top-left corner and ``w, h`` size in image pixels; ``weight`` scales the
+    region's tiles against the global prompt's where they overlap."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    prompt: str
+    weight: float = 1.0
+
+    def latent_box(self, downscale: int = PIXEL_MULTIPLE) -> tuple[int, int, int, int]:
+        """``(y, x, h, w)`` in latent pixels."""
+        return self.y // downscale, self.x // downscale, self.h // downscale, self.w // downscale
+
+
+def _field(index: int | None) -> str:
+    return "region" if index is None else f"region[{index}]"
+
+
+def parse_region(text: str, index: int | None = None) -> Region:
+    """Parse ``"x,y,w,h[,weight]:prompt"``; errors name ``region`` (or ``region[index]``)."""
+    field = _field(index)
+    if not isinstance(text, str) or ":" not in text:
+        raise InvalidInput(field, f"expected 'x,y,w,h:prompt' or 'x,y,w,h,weight:prompt', got {text!r}")
+    head, prompt = text.split(":", 1)
+    prompt = prompt.strip()
+    parts = [p.strip() for p in head.split(",")]
+    if len(parts) not in (4, 5):
+        raise InvalidInput(field, f"expected 4 numbers (x,y,w,h) or 5 (x,y,w,h,weight) before ':', got {head!r}")
+    coords = []
+    for name, p in zip("xywh", parts[:4]):
+        try:
+            coords.append(int(p))
+        except ValueError:
+            raise InvalidInput(field, f"{name} must be an integer number of pixels, got {p!r}") from None
+    weight = 1.0
+    if len(parts) == 5:
+        try:
+            weight = float(parts[4])
+        except ValueError:
+            raise InvalidInput(field, f"weight must be a number, got {parts[4]!r}") from None
+    if not prompt:
+        raise InvalidInput(field, "the prompt after ':' is empty")
+    region = Region(coords[0], coords[1], coords[2], coords[3], prompt, weight)
+    _check_shape(region, field)
+    return region
+
+
+def parse_regions(texts: Iterable[str]) -> list[Region]:
+    return [parse_region(t, i) for i, t in enumerate(texts)]
+
+
+def _check_shape(r: Region, field: str) -> None:
+    for name in ("x", "y", "w", "h"):
+        v = getattr(r, name)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise InvalidInput(field, f"{name} must be an integer, got {v!r}")
+    if r.x < 0 or r.y < 0:
+        raise InvalidInput(field, f"x and y must be >= 0, got x={r.x}, y={r.y}")
+    if r.w <= 0 or r.h <= 0:
+        raise InvalidInput(field, f"w and h must be positive, got w={r.w}, h={r.h}")
+    for name in ("x", "y", "w", "h"):
+        v = getattr(r, name)
+        if v % PIXEL_MULTIPLE:
+            raise InvalidInput(field, f"{name}={v} must be a multiple of {PIXEL_MULTIPLE} pixels")
+    if not isinstance(r.weight, (int, float)) or isinstance(r.weight, bool) or not math.isfinite(r.weight) or r.weight <= 0:
+        raise InvalidInput(field, f"weight must be a positive number, got {r.weight!r}")
+    if not isinstance(r.prompt, str) or not r.prompt.strip():
+        raise InvalidInput(field, "prompt must not be empty")
+
+
+def validate_regions(regions: Sequence[Region], width: int, height: int) -> None:
+    """Check every region against a ``width x height`` image (pixels): positive size,
+    multiples of 8, entirely inside the image, positive weight, non-empty prompt."""
+    for i, r in enumerate(regions):
+        field = _field(i)
+        _check_shape(r, field)
+        if r.x + r.w > width or r.y + r.h > height:
+            raise InvalidInput(
+                field,
+                f"must lie inside the {width}x{height} image; it spans x {r.x}..{r.x + r.w}, y {r.y}..{r.y + r.h}",
+            )

@@ -1,14 +1,19 @@
 """The CLIP byte-level BPE tokenizer, without ``transformers`` (which costs ~100 MB RSS).
 
 Behaviour matches ``transformers.CLIPTokenizer`` (the ``tokenizers``-backed one of
-transformers 5, and the slow one with ftfy absent) for the ids it produces:
+transformers 5) id for id:
 
+0. the literal (case-sensitive) strings ``<|startoftext|>`` and ``<|endoftext|>`` are cut
+   out of the raw text and become their ids; every text segment between them goes on
+   alone;
 1. text is normalised: Unicode NFC, every run of whitespace becomes one space, then
-   lower case;
-2. it is split into pieces: the two special-token strings, the contractions ``'s 't 're
+   lower case (character by character: no final-sigma rule);
+2. it is split into pieces: the contractions ``'s 't 're
    've 'm 'll 'd``, runs of letters (Unicode category L*), single digits (category N*),
    and runs of anything else that is neither whitespace, letter nor digit; whitespace is
-   dropped;
+   dropped (a special-token string left in the text, such as a lower-cased
+   ``<|ENDOFTEXT|>``, is ordinary text: ``<|``, ``endoftext``, ``|>``, as
+   ``tokenizers`` splits it);
 3. each piece is turned into its UTF-8 bytes, each byte into one printable unicode
    character (the GPT-2 byte-to-unicode table), the last character gets ``</w>``, and the
    pairs are merged by rank of the merges list until no listed pair is left.
@@ -18,9 +23,10 @@ same with ``</w>``, one entry per merge, then ``<|startoftext|>`` (49406) and
 ``<|endoftext|>`` (49407).  No regular-expression module with ``\\p{L}`` is needed: the
 splitter walks the text with :func:`unicodedata.category`.
 
-Text is limited to what CLIP's tables know; characters whose Unicode category differs
-between Python's Unicode database and the one compiled into ``tokenizers`` (recently
-assigned code points) may split differently.
+Checked against it on every code point (each between letters, doubled, upper-cased, next
+to digits and apostrophes): the only differences are the code points that Python 3.11's
+Unicode 14 database does not assign yet (newer ones that ``tokenizers`` knows as
+letters); they split differently.
 """
 
 from __future__ import annotations
@@ -56,14 +62,11 @@ def byte_to_unicode() -> dict[int, str]:
     (control characters, space, soft hyphen...) map to U+0100 onwards in byte order.
     """
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    kept = set(keep)
-    table = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in kept:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return dict(sorted(table.items(), key=lambda kv: (kv[0] not in kept, keep.index(kv[0]) if kv[0] in kept else kv[0])))
+    table = {b: chr(b) for b in keep}  # insertion order is the vocabulary order
+    others = [b for b in range(256) if b not in table]
+    for n, b in enumerate(others):
+        table[b] = chr(256 + n)
+    return table
 
 
 def read_merges(path: str | pathlib.Path = DEFAULT_MERGES) -> list[tuple[str, str]]:
@@ -103,7 +106,9 @@ def normalize(text: str) -> str:
         else:
             out.append(ch)
             in_space = False
-    return "".join(out).lower()
+    text = "".join(out)
+    # per character: Python's str.lower() alone would apply the final-sigma rule
+    return "".join(c.lower() for c in text) if "Σ" in text else text.lower()
 
 
 def _kind(ch: str) -> str:
@@ -114,16 +119,34 @@ def _kind(ch: str) -> str:
     return cat if cat in ("L", "N") else "o"
 
 
+def split_special(text: str) -> list[tuple[str, bool]]:
+    """Cut the raw text at the exact (case-sensitive) special-token strings.
+
+    Returns ``(segment, is_special)`` pairs.  Only the literal strings are special: a
+    ``<|ENDOFTEXT|>`` that becomes ``<|endoftext|>`` by lower-casing is ordinary text.
+    """
+    out: list[tuple[str, bool]] = []
+    start = i = 0
+    while True:
+        hits = [(text.find(t, i), t) for t in (BOS_TOKEN, EOS_TOKEN)]
+        hits = [h for h in hits if h[0] >= 0]
+        if not hits:
+            break
+        pos, tok = min(hits)
+        if pos > start:
+            out.append((text[start:pos], False))
+        out.append((tok, True))
+        start = i = pos + len(tok)
+    if start < len(text):
+        out.append((text[start:], False))
+    return out
+
+
 def split_pieces(text: str) -> list[str]:
     """Split normalised text into pre-tokens (the pattern of the module docstring, step 2)."""
     pieces = []
     i, n = 0, len(text)
     while i < n:
-        if text.startswith(BOS_TOKEN, i) or text.startswith(EOS_TOKEN, i):
-            size = len(BOS_TOKEN) if text.startswith(BOS_TOKEN, i) else len(EOS_TOKEN)
-            pieces.append(text[i:i + size])
-            i += size
-            continue
         ch = text[i]
         if ch == "'":
             found = next((c for c in _CONTRACTIONS if text.startswith(c, i + 1)), None)
@@ -153,13 +176,17 @@ class ClipTokenizer:
     """
 
     def __init__(self, merges_path: str | pathlib.Path = DEFAULT_MERGES):
-        merges = read_merges(merges_path)
+        try:
+            merges = read_merges(merges_path)
+        except (OSError, UnicodeDecodeError, EOFError) as e:
+            raise InvalidInput("merges_path", f"cannot read CLIP merges from {merges_path}: {e}") from None
         self.ranks: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(merges)}
         self.vocab: dict[str, int] = build_vocab(merges)
         self.byte_chars: tuple[str, ...] = tuple(byte_to_unicode()[b] for b in range(256))
         self._cache: dict[str, tuple[int, ...]] = {}
         if len(self.vocab) != 49408:
-            raise InvalidInput("merges_path", f"{merges_path} gives a vocabulary of {len(self.vocab)} tokens, CLIP's has 49408")
+            raise InvalidInput("merges_path",
+                               f"{merges_path} gives a vocabulary of {len(self.vocab)} tokens, CLIP's has 49408")
 
     @property
     def bos_id(self) -> int:
@@ -203,12 +230,9 @@ class ClipTokenizer:
         hit = self._cache.get(piece)
         if hit is not None:
             return hit
-        if piece in (BOS_TOKEN, EOS_TOKEN):
-            ids = (self.vocab[piece],)
-        else:
-            chars = [self.byte_chars[b] for b in piece.encode("utf-8")]
-            chars[-1] += END_OF_WORD
-            ids = tuple(self.vocab[s] for s in self.bpe(chars))
+        chars = [self.byte_chars[b] for b in piece.encode("utf-8")]
+        chars[-1] += END_OF_WORD
+        ids = tuple(self.vocab[s] for s in self.bpe(chars))
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[piece] = ids
@@ -219,8 +243,12 @@ class ClipTokenizer:
         if not isinstance(text, str):
             raise InvalidInput("prompt", f"must be a string, got {type(text).__name__}")
         ids: list[int] = []
-        for piece in split_pieces(normalize(text)):
-            ids.extend(self.piece_ids(piece))
+        for segment, special in split_special(text):
+            if special:
+                ids.append(self.vocab[segment])
+                continue
+            for piece in split_pieces(normalize(segment)):
+                ids.extend(self.piece_ids(piece))
         return ids
 
     def __call__(self, texts: list[str]) -> list[list[int]]:

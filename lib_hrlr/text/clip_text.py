@@ -1,0 +1,157 @@
+"""The CLIP text transformer of Stable Diffusion 1.x, in plain torch.
+
+Parameter names are those of Hugging Face's ``CLIPTextModel``
+(``text_model.embeddings.token_embedding.weight``, ``text_model.encoder.layers.{i}.
+self_attn.{q,k,v,out}_proj.{weight,bias}``, ``layer_norm1``, ``mlp.fc1``, ``mlp.fc2``,
+``layer_norm2``, ``text_model.final_layer_norm``).  The same names are found
+
+* in an LDM single-file checkpoint below ``cond_stage_model.transformer.``
+  (:data:`lib_hrlr.config.architectures.TEXT_PREFIX`);
+* in a diffusers folder's ``text_encoder/`` file, as they are: no key map is needed.
+
+Very old single-file checkpoints (saved with transformers < 4.x) lack the ``text_model.``
+level; :func:`canonical_text_key` adds it.  Checkpoints may also carry the
+``text_model.embeddings.position_ids`` buffer, which this model does not have (positions
+are ``0..T-1``): a loader drops the keys of :func:`ignorable_text_keys`.
+
+The model is built from a :class:`TextEncoderConfig` and can be built on the ``meta``
+device (``with torch.device("meta"): ClipTextEncoder(cfg)``) without allocating.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib_hrlr.config.architectures import TextEncoderConfig
+from lib_hrlr.errors import InvalidInput
+
+_ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def ignorable_text_keys() -> frozenset[str]:
+    """Checkpoint keys (below the text prefix) that a loader may drop: buffers we do not keep."""
+    return frozenset({"text_model.embeddings.position_ids", "embeddings.position_ids"})
+
+
+def canonical_text_key(key: str) -> str:
+    """Our name for a text-encoder key of any vintage (adds a missing ``text_model.``)."""
+    return key if key.startswith("text_model.") else "text_model." + key
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.token_embedding(input_ids)
+        x += self.position_embedding(positions)[None]
+        return x
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        heads = self.num_heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, heads, d // heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        del q, k, v
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.quick = cfg.hidden_act == "quick_gelu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.quick:
+            h = h * torch.sigmoid(1.702 * h)
+        else:
+            h = F.gelu(h)
+        return self.fc2(h)
+
+
+class _EncoderLayer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.self_attn = _SelfAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = _MLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(_EncoderLayer(cfg) for _ in range(cfg.num_layers))
+
+
+class _TextTransformer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.embeddings = _Embeddings(cfg)
+        self.encoder = _Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class ClipTextEncoder(nn.Module):
+    """CLIP text transformer: ``forward(input_ids (B, T) long, clip_skip=1) -> (B, T, hidden)``.
+
+    ``clip_skip=n`` stops after layer ``num_layers - n + 1`` (``n=2``: the penultimate
+    layer's output) and applies ``final_layer_norm`` to it, as the AUTOMATIC1111 webui
+    does; ``clip_skip=1`` is the usual last hidden state.  Attention is causal, with no
+    padding mask (SD 1.x conditions on the padded sequence).  Output is in the weights'
+    dtype.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise InvalidInput("hidden_act", f"{cfg.hidden_act!r} is not supported; use one of {_ACTIVATIONS}")
+        if cfg.hidden_size % cfg.num_heads:
+            raise InvalidInput("num_heads", f"{cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
+        self.config = cfg
+        self.text_model = _TextTransformer(cfg)
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        cfg = self.config
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+                or input_ids.dtype not in (torch.int64, torch.int32)):
+            raise InvalidInput("input_ids", "must be an integer tensor of shape (batch, tokens)")
+        if not 1 <= input_ids.shape[1] <= cfg.max_positions:
+            raise InvalidInput("input_ids", f"{input_ids.shape[1]} tokens; 1 to {cfg.max_positions} are allowed")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise InvalidInput("input_ids", f"token ids must lie in 0..{cfg.vocab_size - 1}")
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= cfg.num_layers:
+            raise InvalidInput("clip_skip", f"{clip_skip!r}; an integer from 1 to {cfg.num_layers} is allowed")
+        tm = self.text_model
+        x = tm.embeddings(input_ids)
+        for layer in tm.encoder.layers[: cfg.num_layers - clip_skip + 1]:
+            x = layer(x)
+        return tm.final_layer_norm(x)

@@ -129,8 +129,13 @@ def test_latent_sizes_that_are_not_multiples_of_the_downsampling():
     ref, ours = paired(LINEAR, seed=3)  # two downsamples: 15x17 -> 8x9 -> 4x5
     x, t, ctx = inputs(LINEAR, 15, 17)
     with torch.no_grad():
-        diff = (ours(x, t, ctx) - ref(x, t, ctx).sample).abs().max().item()
-    assert diff <= 1e-5
+        expected = ref(x, t, ctx).sample
+        plain = ours(x, t, ctx)
+        ours.set_chunking(ff_tokens=48, attn_queries=1)
+        chunked = ours(x, t, ctx)
+    assert (plain - expected).abs().max().item() <= 1e-5
+    # odd query counts change the attention kernel's internal blocking: rounding-level only
+    assert (chunked - plain).abs().max().item() <= 1e-5
 
 
 def test_autograd_path_equals_inference_path():

@@ -87,6 +87,15 @@ def test_ldm_safetensors_detected_from_metadata(tiny, tiny_state):
     assert ck.sha256_short == ck.sha256[:10] and len(ck.sha256_short) == 10
 
 
+def test_component_names(tiny):
+    from lib_hrlr.errors import InvalidInput
+
+    ck = open_checkpoint(tiny)
+    assert ck.component("text_encoder") == ck.component("text")
+    with pytest.raises(InvalidInput, match="allowed are unet, vae, text"):
+        ck.component("clip")
+
+
 def test_ckpt_with_lightning_bookkeeping_equals_safetensors(tmp_path, tiny, tiny_state, monkeypatch):
     ModelCheckpoint = fake_lightning(monkeypatch)
     path = tmp_path / "tiny.ckpt"
@@ -256,7 +265,7 @@ def test_truncated_ckpt(tmp_path, tiny_state):
     torch.save({"state_dict": tiny_state}, p)
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    refused(p, "not a PyTorch zip checkpoint")
+    refused(p, "damaged or truncated")
 
 
 @pytest.mark.parametrize(

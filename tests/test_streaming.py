@@ -98,7 +98,7 @@ def resident_model(path, dtype) -> TinyNet:
     sd = load_file(str(path))
     own = m.state_dict()
     m.load_state_dict({k: sd[k].to(dtype).reshape(own[k].shape) for k in own})
-    return m.to(dtype).eval()
+    return m.to(dtype).eval().requires_grad_(False)
 
 
 def meta_model() -> TinyNet:
@@ -299,3 +299,78 @@ def test_error_in_forward_leaves_nothing_behind(weights_file):
             model(x, ctx, label)
     assert all_meta(model)
     gc.collect()
+
+
+class Chunked(nn.Module):
+    """Calls its linears once per chunk of tokens, like a token-chunked feed-forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+
+    def forward(self, x):
+        return torch.cat([self.inner(c) for c in x.split(3, dim=1)], dim=1)
+
+
+class ChunkedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.ff = Chunked()
+
+    def forward(self, x):
+        return self.ff(self.norm(x))
+
+
+@pytest.mark.parametrize("unit_types", [(), (Chunked,)])
+def test_unit_types_stream_a_subtree_once_per_call(tmp_path, unit_types):
+    ref = ChunkedNet()
+    state = random_state(ref, 5)
+    save_file(state, str(tmp_path / "c.safetensors"))
+    ref.load_state_dict(state)
+    # like the streamed weights, no grad: F.linear on 3-d input takes another kernel when weights require grad
+    ref.requires_grad_(False)
+    x = torch.randn(2, 12, 16)  # 4 chunks of 3 tokens
+    with torch.device("meta"):
+        model = ChunkedNet()
+    with torch.inference_mode():
+        expected = ref(x)
+        with WeightStreamer(model, sources_of(tmp_path / "c.safetensors"), unit_types=unit_types) as ws:
+            for _ in range(3):
+                assert torch.equal(model(x), expected)
+            ff_bytes = sum(v.numel() * 4 for k, v in state.items() if k.startswith("ff."))
+            norm_bytes = 2 * 16 * 4
+            names = ws.unit_names
+            st = ws.stats
+    if unit_types:
+        assert names == ["norm", "ff"]
+        assert st.bytes_read == 3 * (norm_bytes + ff_bytes)  # the whole feed-forward once per call
+    else:
+        assert names == ["norm", "ff.inner.0", "ff.inner.2"]
+        assert st.bytes_read == 3 * (norm_bytes + 4 * ff_bytes)  # its linears once per chunk
+    assert all_meta(model)
+
+
+def test_inference_mode_with_prefetch_and_arena(weights_file):
+    x, ctx, label = inputs(torch.float32)
+    with torch.inference_mode():
+        expected = resident_model(weights_file, torch.float32)(x, ctx, label)
+        model = meta_model()
+        with WeightStreamer(model, sources_of(weights_file)) as ws:
+            for _ in range(3):
+                assert torch.equal(model(x, ctx, label), expected)
+            assert ws.stats.prefetch_hits > 0 and ws.stats.arena_bytes > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_to_cuda_equals_resident(weights_file):
+    x, ctx, label = (t.cuda() for t in inputs(torch.float32))
+    with torch.no_grad():
+        expected = resident_model(weights_file, torch.float32).cuda()(x, ctx, label)
+        model = meta_model()
+        with WeightStreamer(model, sources_of(weights_file), device="cuda") as ws:
+            for _ in range(2):
+                out = model(x, ctx, label)
+                assert out.device.type == "cuda" and torch.equal(out, expected)
+            assert ws.stats.arena_bytes == 0  # the CUDA caching allocator already reuses memory
+    assert all_meta(model)

@@ -12,8 +12,9 @@ file names through a fixed table and never imports anything:
   ``torch._utils._rebuild_tensor_v2/_v3``, ``_rebuild_parameter(_with_state)`` build a
   :class:`TensorRef` (no tensor is created, no tensor data is read), the torch storage
   types and dtypes become plain markers, ``collections.OrderedDict``, ``set``,
-  ``frozenset``, ``bytearray``, ``slice``, ``complex``, ``torch.Size`` (as ``tuple``) and
-  ``_codecs.encode`` (protocol-2 ``bytes``) are the real, side-effect-free builtins;
+  ``frozenset``, ``slice``, ``complex``, ``torch.Size`` (as ``tuple``) and
+  ``_codecs.encode`` (protocol-2 ``bytes``) are the real, side-effect-free builtins (none
+  of which can be made to allocate more than the pickle's own size);
 * **inert bookkeeping globals** — modules under which real Stable Diffusion checkpoints
   keep training state next to ``state_dict`` (``pytorch_lightning``/``lightning``
   callbacks such as ``ModelCheckpoint``, ``numpy`` scalars and arrays,
@@ -169,8 +170,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return StorageMarker(torch.uint8)
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
-        if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "bytearray", "slice", "complex"):
-            return {"set": set, "frozenset": frozenset, "bytearray": bytearray, "slice": slice, "complex": complex}[name]
+        if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "slice", "complex"):
+            return {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex}[name]
         if module == "_codecs" and name == "encode":
             return self.codecs_encode
         if (module, name) in INERT_GLOBALS or module in INERT_MODULES or module.startswith(INERT_MODULE_PREFIXES):
@@ -273,6 +274,10 @@ def read_ckpt(path: str | Path) -> CkptContents:
         if not zipfile.is_zipfile(f):
             f.seek(0)
             head = f.read(2)
+            if head == b"PK":
+                raise CheckpointError(
+                    "model", f"'{path}' starts like a zip archive but is damaged or truncated; download or copy it again"
+                )
             hint = (
                 " It looks like the legacy (pre-1.6) torch format, which cannot be read safely; re-save it as .safetensors."
                 if head[:1] == b"\x80"

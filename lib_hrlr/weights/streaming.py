@@ -82,7 +82,8 @@ class StreamStats:
 
 @dataclass
 class _Slot:
-    local: str  # attribute name on the module
+    owner: nn.Module  # the module the tensor is registered on (the unit or, for unit_types, a descendant)
+    local: str  # attribute name on ``owner``
     full: str  # name in ``sources`` / the model's state dict
     is_param: bool
     shape: tuple[int, ...]
@@ -174,6 +175,8 @@ class WeightStreamer:
 
     ``sources`` maps the model's state-dict names to :class:`TensorSource`; extra entries
     are ignored, a missing one or an element-count mismatch raises CheckpointError.
+    Modules of ``unit_types`` are streamed whole, as one unit (for modules that call their
+    children several times per forward, e.g. a feed-forward chunked over tokens).
     Floating tensors are materialised in ``dtype``, others in their own dtype.
     ``on_event(kind, unit_name, nbytes, seconds)`` is called on the calling thread with
     kind in load (synchronous), prefetch (a prefetched unit was used; seconds = its
@@ -192,6 +195,7 @@ class WeightStreamer:
         prefetch_depth: int = 1,
         chunk_bytes: int = CHUNK_BYTES,
         arena: bool = True,
+        unit_types: tuple[type, ...] = (),
     ):
         if prefetch_depth < 0:
             raise ValueError("prefetch_depth must be >= 0")
@@ -205,7 +209,7 @@ class WeightStreamer:
         self.prefetch_depth = prefetch_depth if prefetch else 0
         self.on_event = on_event
         self.stats = StreamStats()
-        self._units = self._plan_units(model, sources)
+        self._units = self._plan_units(model, sources, tuple(unit_types))
         self._order: list[_Unit] = []
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._fds: dict[str, int] = {}
@@ -234,38 +238,34 @@ class WeightStreamer:
             raise
 
     # ------------------------------------------------------------------ planning
-    def _plan_units(self, model: nn.Module, sources: dict[str, TensorSource]) -> list[_Unit]:
+    def _plan_units(self, model: nn.Module, sources: dict[str, TensorSource], unit_types: tuple[type, ...]) -> list[_Unit]:
+        """Units in registration order: each module owning meta tensors directly, except that
+        a module of ``unit_types`` owns every tensor of its subtree (one load per call)."""
         units: list[_Unit] = []
         missing: list[str] = []
+        claimed: set[int] = set()
         for mod_name, module in model.named_modules():
+            if id(module) in claimed:
+                continue
+            whole = bool(unit_types) and isinstance(module, unit_types)
+            if whole:
+                members = list(module.named_modules())
+                claimed.update(id(m) for _, m in members)
+            else:
+                members = [("", module)]
             slots = []
-            prefix = mod_name + "." if mod_name else ""
-            own = [(n, t, True) for n, t in module.named_parameters(recurse=False)]
-            own += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
-            for local, t, is_param in own:
-                if t is None or not t.is_meta:
-                    continue
-                full = prefix + local
-                src = sources.get(full)
-                if src is None:
-                    missing.append(full)
-                    continue
-                info = src.info
-                if info.numel != t.numel():
-                    raise CheckpointError(
-                        "model",
-                        f"weight {full!r} has shape {list(info.shape)} in {src.path} but the model needs {list(t.shape)}; "
-                        "allowed are checkpoints of the detected architecture",
-                    )
-                if t.is_floating_point():
-                    if not info.dtype.is_floating_point:
-                        raise CheckpointError("model", f"weight {full!r} is {info.dtype} in {src.path}; a floating dtype is required")
-                    target = self.dtype
-                else:
-                    if info.dtype.is_floating_point:
-                        raise CheckpointError("model", f"buffer {full!r} is {info.dtype} in {src.path}; the model keeps it as {t.dtype}")
-                    target = t.dtype
-                slots.append(_Slot(local, full, is_param, tuple(t.shape), target, src))
+            for sub_name, owner in members:
+                own = [(n, t, True) for n, t in owner.named_parameters(recurse=False)]
+                own += [(n, t, False) for n, t in owner.named_buffers(recurse=False)]
+                for local, t, is_param in own:
+                    if t is None or not t.is_meta:
+                        continue
+                    full = ".".join(x for x in (mod_name, sub_name, local) if x)
+                    src = sources.get(full)
+                    if src is None:
+                        missing.append(full)
+                        continue
+                    slots.append(self._slot(owner, local, full, t, is_param, src))
             if slots:
                 nbytes = sum(_numel(s.shape) * s.dtype.itemsize for s in slots)
                 units.append(_Unit(len(units), mod_name, module, slots, nbytes))
@@ -273,6 +273,24 @@ class WeightStreamer:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CheckpointError("model", f"the checkpoint lacks {len(missing)} weight(s) the model needs: {shown}")
         return units
+
+    def _slot(self, owner: nn.Module, local: str, full: str, t: torch.Tensor, is_param: bool, src: TensorSource) -> _Slot:
+        info = src.info
+        if info.numel != t.numel():
+            raise CheckpointError(
+                "model",
+                f"weight {full!r} has shape {list(info.shape)} in {src.path} but the model needs {list(t.shape)}; "
+                "allowed are checkpoints of the detected architecture",
+            )
+        if t.is_floating_point():
+            if not info.dtype.is_floating_point:
+                raise CheckpointError("model", f"weight {full!r} is {info.dtype} in {src.path}; a floating dtype is required")
+            target = self.dtype
+        else:
+            if info.dtype.is_floating_point:
+                raise CheckpointError("model", f"buffer {full!r} is {info.dtype} in {src.path}; the model keeps it as {t.dtype}")
+            target = t.dtype
+        return _Slot(owner, local, full, is_param, tuple(t.shape), target, src)
 
     # ------------------------------------------------------------------ loading
     def _scratch(self, holder: _Scratch) -> torch.Tensor:
@@ -321,19 +339,19 @@ class WeightStreamer:
                         chunk = buf[: n * isz]
                         pread_into(fd, info.offset + start * isz, tensor_memoryview(chunk))
                         flat[start : start + n].copy_(chunk.view(info.dtype))
-            out[slot.local] = t
+            out[slot.full] = t
 
     def _attach(self, unit: _Unit, loaded: _Loaded) -> None:
         for slot in unit.slots:
-            t = loaded.tensors[slot.local]
-            setattr(unit.module, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
+            t = loaded.tensors[slot.full]
+            setattr(slot.owner, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
         unit.resident = True
         unit.block = loaded.block
 
     def _detach(self, unit: _Unit) -> None:
         for slot in unit.slots:
             t = torch.empty(slot.shape, dtype=slot.dtype, device="meta")
-            setattr(unit.module, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
+            setattr(slot.owner, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
         unit.resident = False
         if unit.block is not None:
             self._arena.release(unit.block)
@@ -344,8 +362,8 @@ class WeightStreamer:
         if unit.block is None:
             return
         for slot in unit.slots:
-            t = getattr(unit.module, slot.local).detach().clone()
-            setattr(unit.module, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
+            t = getattr(slot.owner, slot.local).detach().clone()
+            setattr(slot.owner, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
         self._arena.release(unit.block)
         unit.block = None
 

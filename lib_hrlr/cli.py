@@ -25,8 +25,9 @@ def _add_generate(sub) -> None:
                    help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim (or the webui's names)")
     g.add_argument("--cfg", type=float, default=7.0)
     g.add_argument("--seed", type=int, default=-1)
-    g.add_argument("--tile", type=int, default=64, help="tile size in latent px (64 = 512 px for SD 1.x)")
-    g.add_argument("--overlap", type=int, default=16, help="tile overlap in latent px")
+    g.add_argument("--tile", type=int, default=None,
+                   help="tile size in latent px (default: the model's native size, 64 = 512 px for SD 1.x)")
+    g.add_argument("--overlap", type=int, default=None, help="tile overlap in latent px (default: a quarter of the tile)")
     g.add_argument("--tile-batch", type=int, default=None, help="tiles per UNet call (default: what the budget allows)")
     g.add_argument("--weighting", default="gaussian", choices=None, help="gaussian (Mixture of Diffusers) or uniform (MultiDiffusion)")
     g.add_argument("--region", action="append", default=[], metavar="X,Y,W,H[,WEIGHT]:PROMPT",

@@ -250,12 +250,15 @@ class MemoryMeter:
 
 
 def attach_module_labels(meter: MemoryMeter, named_modules: dict[str, object]):
-    """Label forward passes of the given modules in ``meter``; returns a context manager that removes the hooks."""
+    """Label forward passes of the given modules in ``meter`` (a name may cover a list of
+    modules); returns a context manager that removes the hooks."""
     stack = contextlib.ExitStack()
     handles = []
     active: dict[int, object] = {}
+    pairs = [(name, m) for name, mods in named_modules.items()
+             for m in (mods if isinstance(mods, (list, tuple)) else [mods])]
 
-    for name, mod in named_modules.items():
+    for name, mod in pairs:
         def pre(m, args, _name=name):
             cm = meter.module(_name)
             cm.__enter__()

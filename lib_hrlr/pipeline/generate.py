@@ -12,22 +12,23 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
 from ..config.architectures import ModelConfig
-from ..errors import InvalidInput
+from ..image.guide import UpscaledImageSource
+from ..image.png import write_png
 from ..memory.budget import BudgetPlan, plan_budget
-from ..memory.meter import MemoryMeter, attach_module_labels, rss_mb
+from ..memory.meter import MemoryMeter, rss_mb
 from ..runtime import DTYPE_NAMES, resolve_device, resolve_dtype, trim_allocator
 from ..sampling.denoiser import EpsDenoiser
 from ..sampling.samplers import get_sampler
 from ..sampling import schedule as sched
 from ..tiling.mixture import MixtureDenoiser
 from ..tiling.plan import plan_tiles
-from .params import GenerationParams, base_size, validate
+from .params import GenerationParams, base_size, validate, with_model_defaults
 from .progress import Progress
 from . import components
 
@@ -52,19 +53,14 @@ class NoiseSource:
         return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
 
 
-def _sampler_label(name: str) -> tuple[str, str]:
-    spec = get_sampler(name)
-    return spec.label, spec.schedule
-
-
 def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: BudgetPlan) -> str:
     from ..image.infotext import format_infotext
 
-    label, schedule = _sampler_label(p.sampler)
+    spec = get_sampler(p.sampler)
     fields = {
         "Steps": p.steps,
-        "Sampler": label,
-        "Schedule type": schedule.capitalize(),
+        "Sampler": spec.label,
+        "Schedule type": spec.schedule.capitalize().replace("_", " "),
         "CFG scale": p.cfg,
         "Seed": p.seed,
         "Size": f"{p.width}x{p.height}",
@@ -78,7 +74,7 @@ def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: 
         "HRLR weighting": p.weighting,
         "HRLR tile batch": plan.tile_batch,
         "HRLR VAE": p.vae,
-        "HRLR regions": json.dumps([r.to_dict() for r in p.regions]) if p.regions else None,
+        "HRLR regions": json.dumps([asdict(r) for r in p.regions]) if p.regions else None,
         "HRLR budget MB": int(p.budget_mb),
     }
     return format_infotext(p.prompt, p.negative, {k: v for k, v in fields.items() if v is not None})
@@ -112,11 +108,14 @@ def generate(
         with meter.stage("load"):
             ckpt = components.open_model(params.model)
         cfg: ModelConfig = ckpt.config
+        params = with_model_defaults(params, cfg)
         validate(params, cfg)
         params = params.with_seed()
         f = cfg.vae.downscale
         lh, lw = params.height // f, params.width // f
         tiles = plan_tiles(lh, lw, params.tile, params.overlap)
+        if params.vae == "taesd":
+            components.taesd_dir(params.taesd_dir)  # fail now, not after the UNet passes
 
         baseline = rss_mb()
         plan = plan_budget(
@@ -124,7 +123,7 @@ def generate(
             budget_mb=params.budget_mb,
             baseline_mb=baseline,
             tile=params.tile,
-            n_tiles=len(tiles.tiles),
+            n_tiles=len(tiles.tiles) + len(params.regions),
             dtype_bytes=torch.finfo(dtype).bits // 8,
             taesd=params.vae == "taesd",
             tile_batch=params.tile_batch,
@@ -134,6 +133,8 @@ def generate(
         say(plan.table())
         cache_bytes = int(plan.unet_cache_mb * 1024 * 1024)
         noise = NoiseSource(params.seed)
+        vae_kw = dict(dtype=vae_dtype, device=vae_device, spill_dir=params.spill_dir,
+                      attention=params.vae_attention, should_stop=should_stop)
 
         # 1. text encoding ---------------------------------------------------------------
         prompts = [params.prompt, params.negative] + [r.prompt for r in params.regions]
@@ -145,79 +146,79 @@ def generate(
         cond, uncond, region_ctx = contexts[0], contexts[1], contexts[2:]
 
         spec = get_sampler(params.sampler)
-        schedule = sched.DiscreteSchedule.sd()
+        schedule = sched.sd_schedule()
         base_steps = params.base_steps or params.steps
 
         # 2. base image at native size ---------------------------------------------------
         bw, bh = base_size(params.width, params.height, cfg.native_size)
         with meter.stage("base_unet"), components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
-            den = EpsDenoiser(unet, schedule, dtype=dtype, device=device)
-            x = noise((1, cfg.unet.in_channels, bh // f, bw // f))
-            sigmas = sched.sigmas_for(schedule, spec.schedule, base_steps)
+            den = EpsDenoiser(unet, schedule, cond, uncond, params.cfg, dtype=dtype)
+            sigmas = schedule.sigmas_for(spec.schedule, base_steps)
             prog.stage("base", len(sigmas) - 1)
-            x = x * sigmas[0]
-            cond_fn = lambda xx, s: den.cfg(xx, s, cond, uncond, params.cfg)
-            base_latent = spec.fn(cond_fn, x, sigmas, noise=noise,
-                                  callback=lambda i, *_: prog.update(i + 1, f"step {i + 1}"),
-                                  should_stop=should_stop)
-            stats["base_unet_evals"] = den.evals
+            x = noise((1, cfg.unet.in_channels, bh // f, bw // f)) * sigmas[0]
+            base_latent = spec.fn(den, x, sigmas, noise=noise, should_stop=should_stop,
+                                  callback=lambda info: prog.update(info["i"] + 1, f"step {info['i'] + 1}"))
+            stats["base_unet_evals"] = den.samples
         trim_allocator()
 
         # 3. guide: decode the base, upscale, encode at the target size, add noise -------
         with meter.stage("base_decode"):
             prog.stage("base decode", 1)
-            base_image = components.decode_to_pil(ckpt, params, base_latent, vae_dtype, vae_device,
-                                                  plan.vae_tile, should_stop)
+            arr = components.decode_latent(ckpt, params.vae, params.taesd_dir, base_latent,
+                                           tile=plan.vae_tile, output="uint8", **vae_kw)
+            base_image = components.spill_to_pil(arr)
+            arr.close()
             prog.update(1)
         trim_allocator()
         with meter.stage("guide_encode"):
             prog.stage("guide encode", 1)
-            guide = components.encode_guide(ckpt, params, base_image, vae_dtype, vae_device,
-                                            plan.vae_tile * f, should_stop,
-                                            lambda d, t: prog.update(d, "tile segments") if t else None)
-            prog.update(1)
+            source = UpscaledImageSource(base_image, params.width, params.height)
+            guide = components.encode_image(ckpt, params.vae, params.taesd_dir, source,
+                                            px_tile=plan.vae_tile * f,
+                                            progress=lambda d, t: prog.update(d, "tile segments", total=t),
+                                            **vae_kw)
         trim_allocator()
 
         # 4. tiled region denoising over the full canvas ----------------------------------
-        sigmas = sched.img2img_sigmas(schedule, spec.schedule, params.steps, params.strength)
-        with meter.stage("tiled_unet"), components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
-            den = EpsDenoiser(unet, schedule, dtype=dtype, device=device)
-            stats["unet_eval_s"] = components.time_one_eval(unet, cfg, params.tile, cond, dtype, device, meter)
-            mix = MixtureDenoiser(
-                den,
-                tiles,
-                cond=cond,
-                uncond=uncond,
-                cfg_scale=params.cfg,
-                regions=[(r, ctx) for r, ctx in zip(params.regions, region_ctx)],
-                latent_factor=f,
-                weighting=params.weighting,
-                batch_size=2 * plan.tile_batch,
-                should_stop=should_stop,
-            )
-            x = guide + noise(guide.shape) * sigmas[0]
-            steps_total = len(sigmas) - 1
-            prog.stage("tiled", steps_total * mix.total_jobs)
-            step = {"i": 0}
-            mix.progress = lambda done, total: prog.update(step["i"] * total + done,
-                                                           f"step {step['i'] + 1}/{steps_total} tile {done}/{total}")
+        sigmas = schedule.img2img_sigmas(spec.schedule, params.steps, params.strength)
+        with meter.stage("tiled_unet"):
+            with meter.stage("unet_eval_timing"):
+                stats["unet_eval_s"] = components.time_one_eval(ckpt, params.tile, cond, dtype, device)
+            with components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
+                den = EpsDenoiser(unet, schedule, cond, uncond, params.cfg, dtype=dtype)
+                steps_total = len(sigmas) - 1
+                step = {"i": 0}
+                mix = MixtureDenoiser(
+                    den, tiles, [cond] + list(region_ctx), negative=uncond, regions=params.regions,
+                    weighting=params.weighting, batch_size=den.samples_per_job * plan.tile_batch,
+                    should_stop=should_stop,
+                    progress=lambda done, total: prog.update(
+                        step["i"] * total + done, f"step {step['i'] + 1}/{steps_total} tile {done}/{total}"),
+                )
+                prog.stage("tiled", steps_total * len(mix.jobs))
+                x = guide + noise(tuple(guide.shape)) * sigmas[0]
 
-            def on_step(i, *_):
-                step["i"] = i + 1
+                def on_step(info):
+                    step["i"] = info["i"] + 1
 
-            latent = spec.fn(mix, x, sigmas, noise=noise, callback=on_step, should_stop=should_stop)
-            stats["tiled_unet_evals"] = den.evals
-            stats["unet_calls"] = mix.unet_calls
+                latent = spec.fn(mix, x, sigmas, noise=noise, callback=on_step, should_stop=should_stop)
+                stats["tiled_unet_evals"] = den.samples
+                stats["unet_calls"] = den.unet_calls
         trim_allocator()
 
         # 5. decode and write ---------------------------------------------------------------
         infotext = build_infotext(params, ckpt.name, ckpt.sha256_short, plan)
         with meter.stage("vae_decode"):
             prog.stage("decode", 1)
-            components.decode_to_png(ckpt, params, latent, vae_dtype, vae_device, plan.vae_tile,
-                                     params.out, infotext, should_stop,
-                                     lambda d, t: prog.update(d * 1 // max(t, 1)))
-            prog.update(1)
+            arr = components.decode_latent(ckpt, params.vae, params.taesd_dir, latent, tile=plan.vae_tile,
+                                           output="uint8",
+                                           progress=lambda d, t: prog.update(d, "tile segments", total=t),
+                                           **vae_kw)
+        with meter.stage("png_write"):
+            try:
+                write_png(params.out, arr, {"parameters": infotext})
+            finally:
+                arr.close()
         stats["unet_evals"] = stats["base_unet_evals"] + stats["tiled_unet_evals"]
         stats["wall_s"] = time.perf_counter() - t_start
         stats["dtype"] = DTYPE_NAMES[dtype]
@@ -226,6 +227,7 @@ def generate(
         stats["tile_batch"] = plan.tile_batch
         stats["unet_cache_mb"] = round(plan.unet_cache_mb, 1)
         stats["seed"] = params.seed
+        stats["base_size"] = f"{bw}x{bh}"
     finally:
         if own_meter:
             meter.stop()

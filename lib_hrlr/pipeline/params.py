@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config.architectures import ModelConfig
 from ..errors import InvalidInput
-from ..tiling.regions import Region
+from ..tiling.regions import Region, validate_regions
 
 WEIGHTINGS = ("gaussian", "uniform")
 VAE_MODES = ("full", "taesd")
@@ -27,8 +27,8 @@ class GenerationParams:
     sampler: str = "dpmpp_2m_karras"
     cfg: float = 7.0
     seed: int = -1
-    tile: int = 64  # latent px (SD 1.x native latent: 64)
-    overlap: int = 16  # latent px
+    tile: int | None = None  # latent px; None = the model's native latent size (64 for SD 1.x)
+    overlap: int | None = None  # latent px; None = a quarter of the tile
     weighting: str = "gaussian"
     regions: tuple[Region, ...] = ()
     tile_batch: int | None = None  # tiles per UNet call; None = as many as the budget allows
@@ -52,6 +52,13 @@ class GenerationParams:
         if self.seed >= 0:
             return self
         return replace(self, seed=random.SystemRandom().randrange(0, 2**32 - 1))
+
+
+def with_model_defaults(p: GenerationParams, model: ModelConfig) -> GenerationParams:
+    """Fill the settings whose defaults depend on the model (tile, overlap)."""
+    tile = model.latent_tile if p.tile is None else p.tile
+    overlap = tile // 4 if p.overlap is None else p.overlap
+    return replace(p, tile=tile, overlap=overlap)
 
 
 def _int_field(name: str, value, lo: int, hi: int | None = None) -> None:
@@ -107,8 +114,7 @@ def validate(p: GenerationParams, model: ModelConfig) -> None:
         raise InvalidInput("budget_mb", f"must be a positive number of MB, got {p.budget_mb}")
     if not p.out.lower().endswith(".png"):
         raise InvalidInput("out", f"must be a .png path, got '{p.out}'")
-    for i, r in enumerate(p.regions):
-        r.validate(p.width, p.height, index=i)
+    validate_regions(p.regions, p.width, p.height)
     from ..sampling.samplers import get_sampler
 
     get_sampler(p.sampler)

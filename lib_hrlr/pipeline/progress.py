@@ -40,7 +40,9 @@ class Progress:
         self._stage, self._total, self._t0 = name, max(1, total), time.perf_counter()
         self.update(0)
 
-    def update(self, done: int, detail: str = "") -> None:
+    def update(self, done: int, detail: str = "", total: int | None = None) -> None:
+        if total:
+            self._total = total
         if self.sink is None:
             return
         elapsed = time.perf_counter() - self._t0

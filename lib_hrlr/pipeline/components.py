@@ -1,0 +1,293 @@
+"""The model components as the pipeline uses them: built on ``meta``, weights streamed in,
+released when the stage ends.  This is the one place that knows how models, checkpoints,
+streaming and the tiled VAEs fit together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config.architectures import ModelConfig
+from ..errors import CheckpointError, InvalidInput
+from ..memory.meter import MemoryMeter, attach_module_labels
+from ..weights.checkpoint import Checkpoint, open_checkpoint
+from ..weights.streaming import WeightStreamer
+
+DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------- model
+def open_model(path: str | None) -> Checkpoint:
+    """Open ``path``; with none, fetch the default SD 1.5 diffusers folder from the hub.
+
+    Offline (or without huggingface_hub) this fails at once with a message that says how to
+    pass a local model, instead of hanging on the network.
+    """
+    if path:
+        return open_checkpoint(path)
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError(
+            "model", "no --model given and huggingface_hub is not installed to fetch the default "
+                     f"'{DEFAULT_HUB_MODEL}'; pass --model PATH (SD 1.x .safetensors, .ckpt or diffusers folder)"
+        ) from None
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise CheckpointError("model", f"no --model given and HF_HUB_OFFLINE is set, so the default "
+                                       f"'{DEFAULT_HUB_MODEL}' cannot be fetched; pass --model PATH")
+    try:
+        folder = huggingface_hub.snapshot_download(
+            DEFAULT_HUB_MODEL,
+            allow_patterns=["model_index.json", "unet/*", "vae/*", "text_encoder/*"],
+            ignore_patterns=["*.bin", "*.ckpt", "*non_ema*", "*.msgpack", "*.onnx*"],
+            etag_timeout=5,
+        )
+    except Exception as e:  # any network/hub failure: say so at once, with the way out
+        raise CheckpointError(
+            "model", f"no --model given and the default '{DEFAULT_HUB_MODEL}' could not be fetched "
+                     f"({type(e).__name__}); pass --model PATH to a local SD 1.x checkpoint"
+        ) from None
+    return open_checkpoint(folder)
+
+
+def component_mb(ckpt: Checkpoint, name: str, dtype: torch.dtype) -> float:
+    """Size of a component's weights in the compute dtype."""
+    elems = sum(s.info.nbytes // max(1, _itemsize(s.info.dtype)) for s in ckpt.component(name).values())
+    return elems * _itemsize(dtype) / MB
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    with torch.device("meta"):
+        return build().eval()
+
+
+def _streamer_events(meter: MemoryMeter | None, label: str):
+    """An on_event callback that sums load/wait time per kind into the meter."""
+    if meter is None:
+        return None, lambda: None
+    totals = {"load": 0.0, "wait": 0.0, "bytes": 0}
+
+    def on_event(kind: str, name: str, nbytes: int, seconds: float) -> None:
+        if kind in ("load", "prefetch"):
+            totals["load"] += seconds
+            totals["bytes"] += nbytes
+        elif kind == "wait":
+            totals["wait"] += seconds
+
+    def flush(streamer: WeightStreamer | None = None) -> None:
+        st = streamer.stats if streamer is not None else None
+        meter.note(
+            f"{label} streaming cache",
+            (st.pinned_bytes / MB) if st else 0.0,
+            seconds=totals["wait"],
+            loaded_gb=round(totals["bytes"] / 1e9, 3),
+            load_s=round(totals["load"], 2),
+            **({"pinned_units": st.pinned_units, "peak_inflight_mb": round(st.peak_inflight_bytes / MB, 1)} if st else {}),
+        )
+
+    return on_event, flush
+
+
+class DeviceModel:
+    """Calls ``model`` on ``device`` with CPU tensors in and out (the pipeline keeps latents on the CPU)."""
+
+    def __init__(self, model: Callable, device: torch.device):
+        self.model, self.device = model, device
+
+    def __call__(self, *args):
+        if self.device.type == "cpu":
+            return self.model(*args)
+        out = self.model(*(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args))
+        return out.to("cpu")
+
+
+# ------------------------------------------------------------------------------------ text
+def encode_text(ckpt: Checkpoint, prompts: list[str], clip_skip: int, dtype: torch.dtype,
+                device: torch.device, cache_bytes: int) -> list[torch.Tensor]:
+    """Conditionings (1, 77k, hidden) float32 on the CPU, one per prompt; the encoder is gone afterwards."""
+    from ..text.clip_text import ClipTextEncoder
+    from ..text.prompts import encode_prompts
+
+    cfg: ModelConfig = ckpt.config
+    enc = _meta(lambda: ClipTextEncoder(cfg.text))
+    with torch.inference_mode(), WeightStreamer(enc, ckpt.component("text"), dtype=dtype, device=device,
+                                                cache_bytes=cache_bytes):
+        ctx = encode_prompts(_DeviceEncoder(enc, device), prompts, clip_skip=clip_skip)
+    return [c.float().cpu() for c in ctx]
+
+
+class _DeviceEncoder:
+    def __init__(self, enc, device):
+        self.enc, self.device = enc, device
+
+    def parameters(self):
+        return iter([torch.empty(0, device="cpu")])
+
+    def __call__(self, ids, clip_skip=1):
+        return self.enc(ids.to(self.device), clip_skip=clip_skip).cpu()
+
+
+# ------------------------------------------------------------------------------------ UNet
+UNET_MODULE_LABELS = ("input_blocks", "middle_block", "output_blocks")
+FF_CHUNK_TOKENS = 4096
+ATTN_CHUNK_QUERIES = 4096
+
+
+@contextlib.contextmanager
+def unet_streamer(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, cache_bytes: int,
+                  meter: MemoryMeter | None = None, prefetch: bool = True):
+    """The UNet as an eps callable whose weights stream from the checkpoint; freed on exit."""
+    from ..models.unet import UNet
+
+    cfg: ModelConfig = ckpt.config
+    unet = _meta(lambda: UNet(cfg.unet))
+    unet.set_chunking(FF_CHUNK_TOKENS, ATTN_CHUNK_QUERIES)
+    on_event, flush = _streamer_events(meter, "unet")
+    streamer = WeightStreamer(unet, ckpt.component("unet"), dtype=dtype, device=device, cache_bytes=cache_bytes,
+                              prefetch=prefetch, on_event=on_event, unit_types=_unet_unit_types())
+    labels = contextlib.ExitStack()
+    if meter is not None:
+        labels.enter_context(attach_module_labels(meter, unet_block_labels(unet)))
+    try:
+        with torch.inference_mode(), streamer, labels:
+            model = DeviceModel(unet, device)
+            model.streamer = streamer
+            yield model
+            if meter is not None:
+                flush(streamer)
+    finally:
+        labels.close()
+        streamer.close()
+
+
+def unet_block_labels(unet) -> dict[str, list]:
+    """Meter labels for the UNet's three block groups (each label covers all blocks of its group)."""
+    out = {}
+    for n in UNET_MODULE_LABELS:
+        part = getattr(unet, n)
+        out[f"unet.{n}"] = list(part) if isinstance(part, torch.nn.ModuleList) else [part]
+    return out
+
+
+def _unet_unit_types() -> tuple[type, ...]:
+    """Modules streamed as one unit: the chunked feed-forward calls its linears once per chunk."""
+    from ..models.unet import FeedForward
+
+    return (FeedForward,)
+
+
+def time_one_eval(ckpt: Checkpoint, tile: int, cond: torch.Tensor, dtype: torch.dtype,
+                  device: torch.device) -> float:
+    """Compute time of one UNet evaluation (1 sample, ``tile``² latent) with its weights in memory.
+
+    Weights are streamed synchronously (no prefetch thread competing for the cores) and the
+    time spent loading them is subtracted, so what remains is the UNet's own arithmetic.
+    """
+    cfg: ModelConfig = ckpt.config
+    with unet_streamer(ckpt, dtype, device, cache_bytes=0, prefetch=False) as unet:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, cfg.unet.in_channels, tile, tile, generator=g).to(dtype)
+        t = torch.full((1,), 500.0)
+        before = unet.streamer.stats.load_seconds + unet.streamer.stats.wait_seconds
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        unet(x, t, cond[:, :77].to(dtype))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+        loading = unet.streamer.stats.load_seconds + unet.streamer.stats.wait_seconds - before
+    return max(wall - loading, 1e-9)
+
+
+# ------------------------------------------------------------------------------------- VAE
+TAESD_FILES = ("taesd_encoder.safetensors", "taesd_decoder.safetensors")
+
+
+def taesd_dir(explicit: str | None) -> Path:
+    """Where the TAESD weights are: ``--taesd-dir``, else ``$HRLR_TAESD_DIR``."""
+    d = explicit or os.environ.get("HRLR_TAESD_DIR")
+    if not d:
+        raise InvalidInput("taesd_dir", "--vae taesd needs the TAESD weights: pass --taesd-dir DIR (or set "
+                                        f"HRLR_TAESD_DIR) to a folder with {' and '.join(TAESD_FILES)}")
+    p = Path(d).expanduser()
+    missing = [f for f in TAESD_FILES if not (p / f).is_file()]
+    if missing:
+        raise InvalidInput("taesd_dir", f"'{p}' lacks {', '.join(missing)}")
+    return p
+
+
+@contextlib.contextmanager
+def vae_half(ckpt: Checkpoint, half: str, dtype: torch.dtype, device: torch.device):
+    """The SD VAE with only its encoder or decoder, weights resident for the stage; freed on exit."""
+    from ..models.vae import AutoencoderKL
+
+    cfg: ModelConfig = ckpt.config
+    vae = _meta(lambda: AutoencoderKL(cfg.vae, encoder=half == "encoder", decoder=half == "decoder"))
+    wanted = ("encoder.", "quant_conv.") if half == "encoder" else ("decoder.", "post_quant_conv.")
+    sources = {k: v for k, v in ckpt.component("vae").items() if k.startswith(wanted)}
+    with torch.inference_mode(), WeightStreamer(vae, sources, dtype=dtype, device=device, prefetch=False,
+                                                arena=False) as streamer:
+        streamer.materialize_all()
+        yield vae
+
+
+def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: torch.Tensor, *,
+                  dtype: torch.dtype, device: torch.device, tile: int, output: str, spill_dir: str | None,
+                  attention: str = "global", progress=None, should_stop=None):
+    """Decode a *scaled* latent (what the UNet works on) to a SpillArray image (H, W, 3)."""
+    cfg: ModelConfig = ckpt.config
+    z = latent / cfg.vae.scaling_factor
+    if vae_mode == "taesd":
+        from ..models.taesd import load_taesd_decoder
+        from ..vae.tiled_taesd import decode_tiled
+
+        dec = load_taesd_decoder(taesd_dir(taesd) / TAESD_FILES[1], dtype=dtype).to(device)
+        with torch.inference_mode():
+            return decode_tiled(dec, z.to(device), tile=tile, output=output, scaling_factor=cfg.vae.scaling_factor,
+                                spill_dir=spill_dir, progress=progress, should_stop=should_stop)
+    from ..vae.tiled_vae import decode_tiled
+
+    with vae_half(ckpt, "decoder", dtype, device) as vae:
+        return decode_tiled(vae, z.to(device), tile=tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
+                            output=output, progress=progress, should_stop=should_stop)
+
+
+def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, dtype: torch.dtype,
+                 device: torch.device, px_tile: int, spill_dir: str | None, attention: str = "global",
+                 progress=None, should_stop=None) -> torch.Tensor:
+    """Encode an image source (``read(y0, y1, x0, x1)`` in [-1, 1]) to a *scaled* latent, float32 CPU."""
+    cfg: ModelConfig = ckpt.config
+    if vae_mode == "taesd":
+        from ..models.taesd import load_taesd_encoder
+        from ..vae.tiled_taesd import encode_tiled
+
+        enc = load_taesd_encoder(taesd_dir(taesd) / TAESD_FILES[0], dtype=dtype).to(device)
+        with torch.inference_mode():
+            z = encode_tiled(enc, source, tile=min(px_tile, 512), scaling_factor=cfg.vae.scaling_factor,
+                             progress=progress, should_stop=should_stop)
+    else:
+        from ..vae.tiled_vae import encode_tiled
+
+        with vae_half(ckpt, "encoder", dtype, device) as vae:
+            z = encode_tiled(vae, source, tile=px_tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
+                             progress=progress, should_stop=should_stop)
+    return (z.float() * cfg.vae.scaling_factor).cpu()
+
+
+def spill_to_pil(arr):
+    """A small uint8 SpillArray (the base image) as a PIL image."""
+    from PIL import Image
+
+    return Image.fromarray(arr.read_rows(0, arr.height), "RGB")

@@ -1,0 +1,233 @@
+"""TAESD: the real weights, exact tiling, and memory that does not grow with the image."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.data import astronaut
+
+from tests.conftest import ROOT, psnr
+from lib_hrlr.errors import CheckpointError, Interrupted, InvalidInput
+from lib_hrlr.image.guide import UpscaledImageSource
+from lib_hrlr.models.taesd import TAESDDecoder, TAESDEncoder, load_taesd_decoder, load_taesd_encoder
+from lib_hrlr.vae.tiled_taesd import SD_SCALING_FACTOR, decode_tiled, encode_tiled, receptive_halo
+
+TILE = 32  # latent px per tile core in these tests: borders every 256 image px
+
+
+@pytest.fixture(scope="module")
+def taesd(shared_weights):
+    d = shared_weights / "taesd"
+    return (load_taesd_encoder(d / "taesd_encoder.safetensors"),
+            load_taesd_decoder(d / "taesd_decoder.safetensors"))
+
+
+def _photo(size=None):
+    img = Image.fromarray(astronaut())
+    if size:
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    return img
+
+
+def _to01(img):
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def _run(model, x):
+    with torch.inference_mode():
+        return model(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def test_real_weights_round_trip_a_photo(taesd):
+    enc, dec = taesd
+    x = _to01(_photo())  # 512 x 512
+    z = _run(enc, x)
+    assert z.shape == (1, 4, 64, 64)
+    good = psnr(_run(dec, z).clamp(0, 1), x)
+    torch.manual_seed(0)
+    bad = psnr(_run(TAESDDecoder().eval(), z).clamp(0, 1), x)
+    print(f"\nTAESD 512^2 astronaut round trip: {good:.2f} dB (random decoder: {bad:.2f} dB)")
+    assert good >= 24.0
+    assert bad < 12.0
+
+
+def test_loader_refuses_wrong_files(shared_weights, tmp_path):
+    d = shared_weights / "taesd"
+    with pytest.raises(CheckpointError, match="not a TAESD decoder"):
+        load_taesd_decoder(d / "taesd_encoder.safetensors")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_taesd_encoder(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_taesd_encoder(junk)
+
+
+def _moves(model, x, cols, core):
+    """Largest change of output columns ``core`` when input columns ``cols`` change."""
+    y = x.clone()
+    y[..., cols] += 1.0
+    with torch.inference_mode():
+        return (model(y)[..., core[0]:core[1]] - model(x)[..., core[0]:core[1]]).abs().max().item()
+
+
+def test_receptive_halo_is_exactly_what_the_networks_depend_on(taesd):
+    enc, dec = taesd
+    assert receptive_halo(dec) == (19, 19)
+    assert receptive_halo(enc) == (145, 138)
+    torch.manual_seed(0)
+    # decoder: the output of latent columns 40..43 depends on latent columns 21..62, only
+    z, core, lo, hi = torch.randn(1, 4, 2, 84) * 0.5, (8 * 40, 8 * 44), 40 - 19, 43 + 19
+    assert _moves(dec, z, [c for c in range(84) if c < lo or c > hi], core) == 0.0
+    assert _moves(dec, z, [lo], core) > 0.0 and _moves(dec, z, [hi], core) > 0.0
+    # encoder: latent columns 40..43 (image columns 320..351) depend on image columns 175..489, only
+    img, core, lo, hi = torch.rand(1, 3, 16, 672), (40, 44), 320 - 145, 351 + 138
+    assert _moves(enc, img, [c for c in range(672) if c < lo or c > hi], core) == 0.0
+    assert _moves(enc, img, [lo], core) > 0.0 and _moves(enc, img, [hi], core) > 0.0
+
+
+class TensorSource:
+    """An image_source over a whole tensor in [-1, 1] (the reference side of the comparison)."""
+
+    def __init__(self, chw):
+        self.chw = chw
+        self.channels, self.height, self.width = chw.shape
+
+    def read(self, y0, y1, x0, x1):
+        return self.chw[:, y0:y1, x0:x1].clone()
+
+
+def test_small_tiles_are_exact_and_hooks_work():
+    torch.manual_seed(1)
+    dec = TAESDDecoder(channels=16).eval()
+    enc = TAESDEncoder(channels=16).eval()
+    z = torch.randn(1, 4, 23, 37)
+    ref = _run(dec, z * SD_SCALING_FACTOR)[0].mul(2).sub(1)
+    calls = []
+    out = decode_tiled(dec, z, tile=9, output="float", progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(i + 1, 15) for i in range(15)]
+    assert (out.to_tensor()[0] - ref).abs().max() < 1e-5
+    u8 = decode_tiled(dec, z, tile=9, output="uint8").to_tensor()[0]
+    ref8 = ((ref + 1) / 2 * 255).clamp(0, 255).round()
+    assert u8.dtype == torch.uint8 and (u8.float() - ref8).abs().max() <= 1
+    img = torch.rand(3, 8 * 23, 8 * 37) * 2 - 1
+    lat = encode_tiled(enc, TensorSource(img), tile=96)
+    ref_lat = _run(enc, (img[None] + 1) / 2) / SD_SCALING_FACTOR
+    assert lat.shape == (1, 4, 23, 37) and (lat - ref_lat).abs().max() < 1e-4
+    asked = []
+    with pytest.raises(Interrupted):
+        decode_tiled(dec, z, tile=9, should_stop=lambda: asked.append(1) or len(asked) > 3)
+    assert len(asked) == 4
+    with pytest.raises(Interrupted):
+        encode_tiled(enc, TensorSource(img), tile=96, should_stop=lambda: True)
+
+
+def test_bad_arguments_name_the_field():
+    dec, enc = TAESDDecoder(channels=8).eval(), TAESDEncoder(channels=8).eval()
+    for kwargs, field in [({"tile": 0}, "tile"), ({"output": "png"}, "output"), ({"progress": 3}, "progress")]:
+        with pytest.raises(InvalidInput) as e:
+            decode_tiled(dec, torch.zeros(1, 4, 8, 8), **kwargs)
+        assert e.value.field == field
+    with pytest.raises(InvalidInput) as e:
+        decode_tiled(dec, torch.zeros(4, 8, 8))
+    assert e.value.field == "latent"
+    with pytest.raises(InvalidInput) as e:
+        encode_tiled(enc, TensorSource(torch.zeros(3, 20, 16)))
+    assert e.value.field == "image" and "multiples of 8" in e.value.message
+    with pytest.raises(InvalidInput) as e:
+        encode_tiled(enc, TensorSource(torch.zeros(3, 16, 16)), tile=12)
+    assert e.value.field == "tile"
+
+
+def _border_jumps(img, step):
+    """Per axis: (mean |jump| across tile borders, mean |jump| between all other neighbours)
+    of a (C, H, W) image whose tiles are ``step`` px."""
+    out = []
+    for axis in (1, 2):
+        d = np.abs(np.diff(img.astype(np.float64), axis=axis))
+        j = d.mean(axis=(0, 2) if axis == 1 else (0, 1))  # j[i]: between i and i + 1
+        border = (np.arange(len(j)) + 1) % step == 0
+        out.append((j[border].mean(), j[~border].mean()))
+    return out
+
+
+def _seam_ratio(img, ref, step):
+    """Jumps across tile borders in ``img`` relative to the same jumps in ``ref`` (the
+    untiled decode): 1.0 = no seam.  (Border vs interior of one image alone measures the
+    photo: the untiled decode of the astronaut has a strong edge on a border column.)"""
+    return max(a[0] / b[0] for a, b in zip(_border_jumps(img, step), _border_jumps(ref, step)))
+
+
+@pytest.mark.slow
+def test_tiled_equals_untiled_on_an_upscaled_photo(taesd):
+    enc, dec = taesd
+    size = 1024
+    big = _photo(size)  # astronaut, Lanczos-upscaled to 1024^2
+    x = _to01(big)
+    z_ref = _run(enc, x) / SD_SCALING_FACTOR  # unscaled SD latent, untiled
+    # encode: tiled, from the on-demand upscaler (bit-equal to the whole resize)
+    z_tiled = encode_tiled(enc, UpscaledImageSource(_photo(), size, size), tile=8 * TILE)
+    enc_diff = (z_tiled - z_ref).abs().max().item()
+    # decode: tiled into a float canvas vs the untiled decoder
+    ref = _run(dec, z_ref * SD_SCALING_FACTOR)[0].mul(2).sub(1)
+    out = decode_tiled(dec, z_ref, tile=TILE, output="float")
+    tiled = out.to_tensor()[0]
+    out.close()
+    dec_psnr = psnr(tiled, ref, peak=2.0)
+    photo_psnr = psnr(((tiled + 1) / 2).clamp(0, 1), x[0])
+    seam = _seam_ratio(tiled.numpy(), ref.numpy(), TILE * 8)
+    inside = [round(a / b, 3) for a, b in _border_jumps(tiled.numpy(), TILE * 8)]
+    inside_ref = [round(a / b, 3) for a, b in _border_jumps(ref.numpy(), TILE * 8)]
+    # the check can fail: tiles decoded on their own, with no halo, leave visible seams
+    naive = torch.cat([torch.cat([_run(dec, z_ref[..., y:y + TILE, x0:x0 + TILE] * SD_SCALING_FACTOR)[0]
+                                  for x0 in range(0, size // 8, TILE)], dim=2)
+                       for y in range(0, size // 8, TILE)], dim=1).mul(2).sub(1)
+    seam_naive = _seam_ratio(naive.numpy(), ref.numpy(), TILE * 8)
+    print(json.dumps({"encode_max_abs_diff_unscaled": enc_diff, "latent_abs_max": z_ref.abs().max().item(),
+                      "decode_psnr_tiled_vs_untiled_db": dec_psnr, "decode_psnr_vs_photo_db": photo_psnr,
+                      "seam_ratio_vs_untiled": seam, "seam_ratio_no_halo_vs_untiled": seam_naive,
+                      "border_vs_interior_rows_cols_tiled": inside, "border_vs_interior_rows_cols_untiled": inside_ref}))
+    assert enc_diff < 1e-3
+    assert dec_psnr >= 45.0
+    assert seam <= 1.05
+    assert seam_naive > 1.05
+
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    from lib_hrlr.runtime import tune_allocator
+    tune_allocator()
+    from lib_hrlr.memory.meter import hwm_mb
+    from lib_hrlr.models.taesd import TAESDDecoder
+    from lib_hrlr.vae.tiled_taesd import decode_tiled
+    size, tile = int(sys.argv[2]), int(sys.argv[3])
+    torch.manual_seed(0)
+    dec = TAESDDecoder().eval().requires_grad_(False)  # random weights: same memory and speed
+    z = torch.randn(1, 4, size // 8, size // 8)
+    t = time.perf_counter()
+    out = decode_tiled(dec, z, tile=tile, output="uint8")
+    assert (out.height, out.width) == (size, size)
+    print(json.dumps({"size": size, "vmhwm_mb": hwm_mb(), "seconds": time.perf_counter() - t}))
+""")
+
+
+@pytest.mark.slow
+def test_tiled_decode_memory_does_not_grow_with_size(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    res = {}
+    for size in (1024, 4096):
+        proc = subprocess.run([sys.executable, str(script), str(ROOT), str(size), str(TILE)],
+                              capture_output=True, text=True, check=True)
+        res[size] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(res))
+    small, large = res[1024]["vmhwm_mb"], res[4096]["vmhwm_mb"]
+    assert large <= 1.10 * small, res
+    assert large < 800, res

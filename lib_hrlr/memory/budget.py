@@ -1,11 +1,11 @@
 """Budget guard: estimate a run's peak before it starts, adapt what can adapt, refuse the rest.
 
-The estimate is per stage: the process baseline (interpreter, torch, our code: measured,
-not guessed) plus what the stage keeps resident — streamed weights in flight, the pinned
-weight cache, and activations.  Activation sizes come from the architecture (every
-tensor the UNet keeps alive for its skip connections, plus a working set around the
-largest level) with factors calibrated against measured runs of the SD 1.5 UNet
-(``tests/test_budget.py`` checks that the estimate stays above what is measured).
+The estimate is per stage: the process baseline (interpreter, torch, our code: measured
+at run time, not guessed) plus what the stage keeps resident — streamed weights in
+flight, the pinned weight cache, and activations.  Sizes scale with the architecture
+(channels, tile size, largest weight tensor) with factors calibrated against measured runs
+of the SD 1.5 UNet and VAEs (``tests/test_budget.py`` re-measures a streamed SD 1.5 UNet
+call and checks that the estimate stays above it).
 
 Only two knobs adapt automatically: the number of tiles per UNet call and the size of the
 weight cache.  Everything else (tile size, VAE tile, dtype, the budget itself) is the
@@ -21,11 +21,15 @@ from ..errors import BudgetError
 
 MB = 1024 * 1024
 
-# Calibrated working-set factors (see module docstring): live activations of one UNet
-# sample are about WORK_FACTOR times the largest level's feature map on top of the skips.
-UNET_WORK_FACTOR = 6.0
-# Chunked attention/feed-forward keep at most this many tokens of the 4x-wide GEGLU alive.
-FF_CHUNK_TOKENS = 4096
+# Calibration (SD 1.5 UNet, fp32, 64x64 latent, weights streamed with cache 0, measured as
+# VmHWM above the RSS before the call; scripts in tests/test_budget.py re-measure it):
+#   2 samples: +345 MB, 4 samples: +462 MB  ->  about 58 MB per sample on top of ~228 MB.
+# Per sample that is ~11 feature maps of model_channels x tile^2 floats; the fixed part is
+# two of the largest weight tensors (the one in use plus oneDNN's reordered copy, or the
+# prefetched next one) plus ~50 MB of smaller transients.  The streaming arena adds up to
+# half a largest tensor on later calls.
+UNET_SAMPLE_MAPS = 12.0
+UNET_FIXED_MB = 50.0
 SAFETY = 1.10
 
 
@@ -42,7 +46,7 @@ class BudgetPlan:
     baseline_mb: float
     tile_batch: int  # tiles per UNet call (each tile is 2 samples with CFG)
     unet_cache_mb: float
-    vae_tile: int  # latent px per VAE decode tile
+    vae_tile: int  # latent px per VAE decode work unit
     stages: tuple[StageEstimate, ...] = field(default_factory=tuple)
 
     @property
@@ -56,26 +60,17 @@ class BudgetPlan:
         return "\n".join(rows)
 
 
-def unet_activation_bytes(model: ModelConfig, tile: int, samples: int, dtype_bytes: int) -> int:
-    """Live activations of a UNet call on ``samples`` tiles of ``tile``×``tile`` latent px."""
-    u = model.unet
-    skips = 0
-    largest = 0
-    ch = u.model_channels
-    px = tile * tile
-    skips += ch * px  # conv_in output
-    for level, mult in enumerate(u.channel_mult):
-        ds = 4**level
-        out_ch = u.model_channels * mult
-        for _ in range(u.num_res_blocks):
-            skips += out_ch * px // ds
-        largest = max(largest, out_ch * px // ds)
-        if level != len(u.channel_mult) - 1:
-            skips += out_ch * px // (ds * 4)
-    # GEGLU feed-forward at the first attention level, chunked over tokens
-    ff = 8 * u.model_channels * min(px, FF_CHUNK_TOKENS)
-    per_sample = skips + UNET_WORK_FACTOR * largest
-    return int((per_sample * samples + ff) * dtype_bytes)
+def largest_unet_tensor(model: ModelConfig) -> int:
+    """Elements of the largest UNet weight: the first decoder ResBlock conv, (2*top) -> top, 3x3."""
+    top = model.unet.model_channels * model.unet.channel_mult[-1]
+    return 2 * top * top * 9
+
+
+def unet_call_bytes(model: ModelConfig, tile: int, samples: int, dtype_bytes: int) -> int:
+    """Peak memory of one streamed UNet call on ``samples`` tiles of ``tile``x``tile`` latent px."""
+    per_sample = UNET_SAMPLE_MAPS * model.unet.model_channels * tile * tile * dtype_bytes
+    fixed = 2.5 * largest_unet_tensor(model) * dtype_bytes + UNET_FIXED_MB * MB
+    return int(fixed + per_sample * samples)
 
 
 def text_stage_bytes(model: ModelConfig, dtype_bytes: int) -> int:
@@ -83,40 +78,21 @@ def text_stage_bytes(model: ModelConfig, dtype_bytes: int) -> int:
     emb = t.vocab_size * t.hidden_size  # the largest single tensor, streamed whole
     layer = 4 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * t.intermediate_size
     acts = 16 * 77 * max(t.intermediate_size, t.hidden_size)
-    return int((emb + layer + acts) * dtype_bytes)
+    return int((2 * emb + layer + acts) * dtype_bytes)
 
 
-def largest_unet_tensors(model: ModelConfig) -> tuple[int, int]:
-    """Element counts of the two largest UNet weight tensors (what streaming holds in flight)."""
-    u = model.unet
-    top = u.model_channels * u.channel_mult[-1]
-    a = 2 * top * top * 9  # output ResBlock conv1: (2*top) -> top, 3x3
-    b = top * top * 9
-    return a, b
-
-
-def vae_decode_bytes(model: ModelConfig, vae_tile: int, dtype_bytes: int, taesd: bool) -> int:
-    """Weights of the decoder plus the working set of one decode tile (vae_tile latent px)."""
-    v = model.vae
-    f = v.downscale
-    px_out = (vae_tile * f) ** 2
+def vae_stage_bytes(model: ModelConfig, tile: int, dtype_bytes: int, taesd: bool, kind: str) -> int:
+    """Weights of one VAE half plus the working set of one tile step."""
     if taesd:
-        weights = 1_300_000 * 4
-        acts = 6 * 64 * px_out
-        return int(weights + acts * 4)
-    weights = 49_500_000 * (v.ch / 128) ** 2
-    # a segment holds its input (with halo), its output and one intermediate at full resolution
-    acts = 4 * v.ch * 2 * px_out
-    return int((weights + acts) * dtype_bytes)
+        # measured (real TAESD, fp32): decode 32 latent px tiles +57 MB; encode 256 px tiles +229 MB
+        return int((60 if kind == "decode" else 240) * MB * dtype_bytes / 4)
+    from ..vae.tiled_vae import estimate_tile_bytes
+    import torch
 
-
-def vae_encode_bytes(model: ModelConfig, px_tile: int, dtype_bytes: int, taesd: bool) -> int:
+    dtype = {2: torch.float16, 4: torch.float32}.get(dtype_bytes, torch.float32)
     v = model.vae
-    if taesd:
-        return int((1_300_000 + 6 * 64 * px_tile * px_tile) * 4)
-    weights = 34_200_000 * (v.ch / 128) ** 2
-    acts = 4 * v.ch * 2 * px_tile * px_tile
-    return int((weights + acts) * dtype_bytes)
+    weights = (49_500_000 if kind == "decode" else 34_200_000) * (v.ch / 128) ** 2 * dtype_bytes
+    return int(weights + estimate_tile_bytes(v, tile if kind == "decode" else tile * v.downscale, dtype, kind=kind))
 
 
 def plan_budget(
@@ -131,69 +107,71 @@ def plan_budget(
     tile_batch: int | None = None,
     vae_tile: int | None = None,
     unet_total_mb: float | None = None,
+    samples_per_tile: int = 2,
 ) -> BudgetPlan:
     """Choose tile batch, weight cache and VAE tile for ``budget_mb``, or raise BudgetError."""
-    a, b = largest_unet_tensors(model)
-    in_flight = (a + b) * dtype_bytes + a * 2  # two units plus one fp16 read buffer
     room = budget_mb / SAFETY - baseline_mb
-
-    def unet_mb(batch: int) -> float:
-        return (in_flight + unet_activation_bytes(model, tile, 2 * batch, dtype_bytes)) / MB
-
     if room <= 0:
         raise BudgetError(
             "budget_mb",
             f"{budget_mb:.0f} MB is below what the process needs before any model is loaded "
             f"({baseline_mb:.0f} MB); raise --budget-mb",
         )
+
+    def unet_mb(batch: int) -> float:
+        return unet_call_bytes(model, tile, samples_per_tile * batch, dtype_bytes) / MB
+
     # tiles per call: as many as fit (each extra tile amortises one pass over the streamed weights)
-    max_batch = max(1, min(n_tiles, 8))
     if tile_batch is not None:
         batch = tile_batch
         if unet_mb(batch) > room:
             raise BudgetError(
                 "tile_batch",
-                f"{batch} tiles per UNet call need about {unet_mb(batch) + baseline_mb:.0f} MB; "
-                f"lower --tile-batch (1 needs {unet_mb(1) + baseline_mb:.0f} MB) or raise --budget-mb",
+                f"{batch} tiles per UNet call need about {(unet_mb(batch) + baseline_mb) * SAFETY:.0f} MB; "
+                f"lower --tile-batch (1 needs {(unet_mb(1) + baseline_mb) * SAFETY:.0f} MB) or raise --budget-mb",
             )
     else:
-        batch = max_batch
+        batch = max(1, min(n_tiles, 8))
         while batch > 1 and unet_mb(batch) > room:
             batch -= 1
         if unet_mb(batch) > room:
             raise BudgetError(
-                "tile",
-                f"one {tile}x{tile} latent tile needs about {unet_mb(1) + baseline_mb:.0f} MB with "
-                f"{dtype_bytes * 8}-bit weights; lower --tile, use a smaller --dtype, or raise --budget-mb",
+                "budget_mb",
+                f"one {tile}x{tile} latent tile needs about {(unet_mb(1) + baseline_mb) * SAFETY:.0f} MB with "
+                f"{dtype_bytes * 8}-bit weights; raise --budget-mb, lower --tile, or use a smaller --dtype",
             )
     cache_mb = max(0.0, room - unet_mb(batch))
     if unet_total_mb is not None:
         cache_mb = min(cache_mb, unet_total_mb)
 
-    # VAE tile: the largest of 64/48/32/16 latent px that fits
-    candidates = [vae_tile] if vae_tile is not None else [64, 48, 32, 16]
+    # VAE work unit: the largest that fits
+    candidates = [vae_tile] if vae_tile is not None else ([32, 16] if taesd else [64, 48, 32, 16])
     chosen = None
     for vt in candidates:
-        if vae_decode_bytes(model, vt, dtype_bytes, taesd) / MB <= room:
+        if max(vae_stage_bytes(model, vt, dtype_bytes, taesd, k) for k in ("encode", "decode")) / MB <= room:
             chosen = vt
             break
     if chosen is None:
-        need = vae_decode_bytes(model, candidates[-1], dtype_bytes, taesd) / MB + baseline_mb
+        vt = candidates[-1]
+        need = max(vae_stage_bytes(model, vt, dtype_bytes, taesd, k) for k in ("encode", "decode")) / MB
         raise BudgetError(
             "vae_tile",
-            f"a {candidates[-1]} latent px VAE tile needs about {need:.0f} MB; "
+            f"a {vt} latent px VAE tile needs about {(need + baseline_mb) * SAFETY:.0f} MB; "
             f"lower --vae-tile, use --vae taesd, or raise --budget-mb",
         )
-    enc_px = chosen * model.vae.downscale
+    text_mb = text_stage_bytes(model, dtype_bytes) / MB
+    if text_mb > room:
+        raise BudgetError("budget_mb", f"the text encoder needs about {(text_mb + baseline_mb) * SAFETY:.0f} MB; "
+                                       f"raise --budget-mb or use a smaller --dtype")
     stages = (
-        StageEstimate("text_encoder", baseline_mb + text_stage_bytes(model, dtype_bytes) / MB, "streamed per layer"),
+        StageEstimate("text_encoder", baseline_mb + text_mb, "streamed per layer"),
         StageEstimate("base_unet", baseline_mb + unet_mb(1) + cache_mb, f"1 tile, cache {cache_mb:.0f} MB"),
-        StageEstimate("guide_encode", baseline_mb + vae_encode_bytes(model, enc_px, dtype_bytes, taesd) / MB,
-                      f"{enc_px}px tiles"),
+        StageEstimate("guide_encode", baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "encode") / MB,
+                      "TAESD" if taesd else f"{chosen * model.vae.downscale} px work units"),
         StageEstimate("tiled_unet", baseline_mb + unet_mb(batch) + cache_mb,
                       f"{batch} tiles/call, cache {cache_mb:.0f} MB"),
-        StageEstimate("vae_decode", baseline_mb + vae_decode_bytes(model, chosen, dtype_bytes, taesd) / MB,
-                      f"{chosen} latent px tiles"),
+        StageEstimate("vae_decode", baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "decode") / MB,
+                      f"{chosen} latent px work units"),
     )
     return BudgetPlan(
         budget_mb=budget_mb,

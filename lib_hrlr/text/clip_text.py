@@ -43,8 +43,12 @@ def canonical_text_key(key: str) -> str:
 class _Embeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        # weights given up front: Embedding's own random init (normal_) would, on the meta
+        # device, pull in torch's Python decompositions (~74 MB of resident memory)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size,
+                                               _weight=torch.empty(cfg.max_positions, cfg.hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)

@@ -1,0 +1,86 @@
+"""The budget planner adapts tile batch and cache, refuses what cannot fit, and its estimate of a
+streamed SD 1.5 UNet call stays above what the kernel measures."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lib_hrlr.config.architectures import SD15, TINY
+from lib_hrlr.errors import BudgetError
+from lib_hrlr.memory.budget import plan_budget, unet_call_bytes
+from tests.conftest import ROOT
+
+MB = 2**20
+
+
+def plan(budget, **kw):
+    args = dict(budget_mb=budget, baseline_mb=230, tile=64, n_tiles=25, dtype_bytes=4, taesd=False)
+    args.update(kw)
+    return plan_budget(SD15, **args)
+
+
+def test_more_budget_gives_more_tiles_per_call_and_a_larger_cache():
+    small, large = plan(800), plan(2000)
+    assert small.tile_batch == 1
+    assert large.tile_batch > small.tile_batch
+    assert large.unet_cache_mb > small.unet_cache_mb
+    for p in (small, large):
+        assert p.peak_mb <= p.budget_mb
+
+
+def test_every_stage_fits_the_budget_at_800():
+    p = plan(800, taesd=True)
+    assert all(s.mb <= 800 for s in p.stages), p.table()
+    assert p.vae_tile == 32
+
+
+def test_refusals_name_the_setting_to_change():
+    with pytest.raises(BudgetError) as e:
+        plan(200)
+    assert e.value.field == "budget_mb" and "raise --budget-mb" in str(e.value)
+    with pytest.raises(BudgetError) as e:
+        plan(800, tile_batch=6)
+    assert e.value.field == "tile_batch" and "lower --tile-batch" in str(e.value)
+    with pytest.raises(BudgetError) as e:
+        plan(500)
+    assert e.value.field == "budget_mb"
+
+
+def test_the_estimate_scales_with_samples_and_tile():
+    a = unet_call_bytes(SD15, 64, 2, 4)
+    assert unet_call_bytes(SD15, 64, 4, 4) > a
+    assert unet_call_bytes(SD15, 32, 2, 4) < a
+    assert unet_call_bytes(TINY, 16, 2, 4) < a / 5  # the fixed ~50 MB of transients dominates a tiny model
+
+
+MEASURE = r"""
+import json, sys, torch
+from lib_hrlr.runtime import tune_allocator; tune_allocator()
+from lib_hrlr.memory.meter import read_status_kb
+from lib_hrlr.weights.checkpoint import open_checkpoint
+from lib_hrlr.pipeline.components import unet_streamer
+ck = open_checkpoint(sys.argv[1])
+samples = int(sys.argv[2])
+x = torch.randn(samples, 4, 64, 64); t = torch.full((samples,), 500.0); c = torch.randn(samples, 77, 768)
+before = read_status_kb()["VmRSS"]
+with unet_streamer(ck, torch.float32, torch.device("cpu"), cache_bytes=0) as unet:
+    for _ in range(2):  # the second call runs with the streaming arena in place
+        unet(x, t, c)
+print(json.dumps({"added_mb": (read_status_kb()["VmHWM"] - before) / 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_unet_call_estimate_covers_the_measured_peak_of_sd15():
+    from lib_hrlr.weights.random_checkpoint import cached_random_checkpoint
+
+    ckpt = str(cached_random_checkpoint("sd15"))
+    out = subprocess.run([sys.executable, "-c", MEASURE, ckpt, "2"], cwd=ROOT, capture_output=True, text=True,
+                         check=True, timeout=900)
+    added = json.loads(out.stdout.strip().splitlines()[-1])["added_mb"]
+    estimate = unet_call_bytes(SD15, 64, 2, 4) / MB
+    print(f"SD 1.5 UNet call, 2 samples, fp32, streamed: measured +{added:.0f} MB, estimated +{estimate:.0f} MB")
+    assert added <= estimate
+    assert estimate <= 1.6 * added  # and not so loose that the budget is wasted

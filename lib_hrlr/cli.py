@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pipeline.params import GenerationParams
 
 
 def _add_generate(sub) -> None:

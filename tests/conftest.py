@@ -24,3 +24,18 @@ def psnr(a, b, peak: float = 1.0) -> float:
     if mse == 0:
         return float("inf")
     return 10 * __import__("math").log10(peak * peak / mse)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads(request):
+    """Small tensors run fastest on one thread (OpenMP threads spinning on a shared core cost up
+    to 10x); the full-size tests marked ``slow`` keep torch's default."""
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,15 +10,6 @@ from lib_hrlr.text.clip_text import ClipTextEncoder, canonical_text_key, ignorab
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: OpenMP threads spinning on a busy core cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_config(cfg: TextEncoderConfig):
     return transformers.CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,

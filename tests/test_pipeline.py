@@ -11,7 +11,7 @@ from PIL import Image
 
 from lib_hrlr.cli import main
 from lib_hrlr.image.infotext import parse_infotext
-from lib_hrlr.weights.random_checkpoint import cached_random_checkpoint, write_random_checkpoint
+from lib_hrlr.weights.random_checkpoint import cached_random_checkpoint
 from tests.conftest import ROOT
 
 

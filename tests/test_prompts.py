@@ -18,15 +18,6 @@ from lib_hrlr.text.tokenizer import BOS_ID, EOS_ID, ClipTokenizer
 BREAK = Fragment("BREAK", 1.0, True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: OpenMP threads spinning on a busy core cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return ClipTokenizer()

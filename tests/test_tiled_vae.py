@@ -25,15 +25,6 @@ from lib_hrlr.vae.tiled_vae import (
 from tests.conftest import ROOT, psnr
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the two cores are shared by several engineers; one thread avoids OpenMP thrashing
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     vae = AutoencoderKL(TINY.vae).eval()

@@ -17,13 +17,6 @@ from lib_hrlr.tiling.weights import gaussian_weights, uniform_weights
 SCHED = sd_schedule()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is fastest, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 CTX = 16  # context width of the test network
 T = 5  # tokens per conditioning
 

@@ -10,14 +10,6 @@ from lib_hrlr.models.unet import MIN_CHUNK, UNet, chunk_spans, diffusers_key_map
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: OpenMP threads spinning on a busy core cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # a second small architecture: linear proj_in/proj_out, two transformer blocks per
 # SpatialTransformer, a level without attention and three levels (two downsamples)
 LINEAR = dataclasses.replace(

@@ -10,15 +10,6 @@ from lib_hrlr.models.vae import AutoencoderKL, diffusers_key_map
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the two cores are shared by several engineers; a single thread avoids OpenMP thrashing
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def diffusers_vae(cfg):
     return diffusers.AutoencoderKL(
         in_channels=cfg.in_channels,

@@ -63,6 +63,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--dtype", default="auto")
     b.add_argument("--budget-mb", type=float, default=800.0)
     b.add_argument("--tile-batch", type=int, default=None)
+    b.add_argument("--overlap", type=int, default=None, help="tile overlap in latent px (default: generate's)")
     b.add_argument("--taesd-dir", default=None)
     b.add_argument("--json", default=None, help="write the results here")
     b.add_argument("--keep-image", default=None, help="also keep the generated PNG here")

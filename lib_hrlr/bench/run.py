@@ -44,6 +44,8 @@ def child_command(a, ckpt: str, out_png: str, report: str) -> list[str]:
     ]
     if a.tile_batch:
         cmd += ["--tile-batch", str(a.tile_batch)]
+    if a.overlap is not None:
+        cmd += ["--overlap", str(a.overlap)]
     if a.vae == "taesd":
         d = a.taesd_dir or default_taesd_dir()
         if d:
@@ -90,7 +92,7 @@ def run_bench(a) -> int:
     ]
     result = {
         "arch": a.arch, "width": a.width, "height": a.height, "steps": a.steps, "strength": a.strength,
-        "sampler": a.sampler, "vae": a.vae, "dtype": st.get("dtype"), "budget_mb": a.budget_mb,
+        "sampler": a.sampler, "vae": a.vae, "overlap": a.overlap, "dtype": st.get("dtype"), "budget_mb": a.budget_mb,
         "tiles": st.get("tiles"), "tile_batch": st.get("tile_batch"), "unet_cache_mb": st.get("unet_cache_mb"),
         "peak_rss_mb": round(peak_mb, 1),
         "child_reported_peak_rss_mb": rep["memory"]["peak_rss_mb"],

@@ -128,11 +128,14 @@ def encode_text(ckpt: Checkpoint, prompts: list[str], clip_skip: int, dtype: tor
 
 
 class _DeviceEncoder:
+    """The streamed encoder seen from ``encode_prompts``: token ids in and hidden states out on
+    the CPU, whatever device the encoder computes on (its parameters are on ``meta`` between calls)."""
+
     def __init__(self, enc, device):
         self.enc, self.device = enc, device
 
     def parameters(self):
-        return iter([torch.empty(0, device="cpu")])
+        return iter(())
 
     def __call__(self, ids, clip_skip=1):
         return self.enc(ids.to(self.device), clip_skip=clip_skip).cpu()

@@ -22,7 +22,9 @@ def tiny(tmp_path_factory):
 
 def run_cli(args, tmp_path, capsys):
     out = tmp_path / "out.png"
-    code = main(["generate", "--quiet", "--out", str(out)] + args)
+    # in-process runs share pytest's resident memory (diffusers, transformers...), so give the
+    # planner room; the budget's own behaviour is tested in test_budget.py and in subprocesses
+    code = main(["generate", "--quiet", "--budget-mb", "8000", "--out", str(out)] + args)
     err = capsys.readouterr().err
     return code, out, err
 

@@ -40,15 +40,23 @@ def canonical_text_key(key: str) -> str:
     return key if key.startswith("text_model.") else "text_model." + key
 
 
+def _normal(*shape: int) -> torch.Tensor:
+    w = torch.empty(*shape)
+    if w.device.type != "meta":
+        nn.init.normal_(w)
+    return w
+
+
 class _Embeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        # weights given up front: Embedding's own random init (normal_) would, on the meta
-        # device, pull in torch's Python decompositions (~74 MB of resident memory)
+        # Embedding's own init (normal_) on the meta device pulls in torch's Python
+        # decompositions (~74 MB of resident memory): give it the weight, initialised only
+        # when it is real
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+                                            _weight=_normal(cfg.vocab_size, cfg.hidden_size))
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size,
-                                               _weight=torch.empty(cfg.max_positions, cfg.hidden_size))
+                                               _weight=_normal(cfg.max_positions, cfg.hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)

@@ -29,8 +29,15 @@ MB = 1024 * 1024
 # prefetched next one) plus ~50 MB of smaller transients.  The streaming arena adds up to
 # half a largest tensor on later calls.
 UNET_SAMPLE_MAPS = 12.0
-UNET_FIXED_MB = 50.0
-SAFETY = 1.10
+# ~50 MB of transients measured around a bare UNet call, plus ~20 MB seen in whole runs
+# (prompt conditionings, sampler state, allocator fragmentation over many calls): the
+# 2048² SD 1.5 bench measured 489 MB above the baseline in the UNet stages with a 46 MB
+# cache and a 10 MB canvas, against 485 + 10 + 46 estimated here
+UNET_FIXED_MB = 70.0
+# whole-canvas float32 latents alive during the tiled pass: x, noise, guide, the sampler's
+# previous denoised, the blend's float64 sum (2) and weight sum, the result...
+CANVAS_COPIES = 10
+SAFETY = 1.05
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ def plan_budget(
     vae_tile: int | None = None,
     unet_total_mb: float | None = None,
     samples_per_tile: int = 2,
+    canvas_pixels: int = 0,
 ) -> BudgetPlan:
     """Choose tile batch, weight cache and VAE tile for ``budget_mb``, or raise BudgetError."""
     room = budget_mb / SAFETY - baseline_mb
@@ -119,7 +127,9 @@ def plan_budget(
         )
 
     def unet_mb(batch: int) -> float:
-        return unet_call_bytes(model, tile, samples_per_tile * batch, dtype_bytes) / MB
+        return unet_call_bytes(model, tile, samples_per_tile * batch, dtype_bytes) / MB + canvas_mb
+
+    canvas_mb = CANVAS_COPIES * model.unet.in_channels * canvas_pixels * 4 / MB
 
     # tiles per call: as many as fit (each extra tile amortises one pass over the streamed weights)
     if tile_batch is not None:

@@ -130,6 +130,7 @@ def generate(
             vae_tile=params.vae_tile,
             unet_total_mb=components.component_mb(ckpt, "unet", dtype),
             samples_per_tile=1 if params.cfg == 1.0 else 2,
+            canvas_pixels=lh * lw,
         )
         say(plan.table())
         cache_bytes = int(plan.unet_cache_mb * 1024 * 1024)

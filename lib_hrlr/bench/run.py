@@ -40,7 +40,7 @@ def child_command(a, ckpt: str, out_png: str, report: str) -> list[str]:
         "--width", str(a.width), "--height", str(a.height),
         "--steps", str(a.steps), "--strength", str(a.strength), "--sampler", a.sampler,
         "--seed", "1", "--vae", a.vae, "--dtype", a.dtype, "--budget-mb", str(a.budget_mb),
-        "--out", out_png, "--report", report, "--quiet",
+        "--out", out_png, "--report", report, "--quiet", "--time-unet-eval",
     ]
     if a.tile_batch:
         cmd += ["--tile-batch", str(a.tile_batch)]

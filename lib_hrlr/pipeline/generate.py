@@ -184,8 +184,9 @@ def generate(
         # 4. tiled region denoising over the full canvas ----------------------------------
         sigmas = schedule.img2img_sigmas(spec.schedule, params.steps, params.strength)
         with meter.stage("tiled_unet"):
-            with meter.stage("unet_eval_timing"):
-                stats["unet_eval_s"] = components.time_one_eval(ckpt, params.tile, cond, dtype, device)
+            if params.time_unet_eval:
+                with meter.stage("unet_eval_timing"):
+                    stats["unet_eval_s"] = components.time_one_eval(ckpt, params.tile, cond, dtype, device)
             with components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
                 den = EpsDenoiser(unet, schedule, cond, uncond, params.cfg, dtype=dtype)
                 steps_total = len(sigmas) - 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..config.architectures import ModelConfig
 from ..errors import InvalidInput
@@ -45,7 +45,7 @@ class GenerationParams:
     spill_dir: str | None = None
     out: str = "hrlr.png"
     report: str | None = None
-    extra: dict = field(default_factory=dict)
+    time_unet_eval: bool = False  # time one UNet evaluation in the run (for bench's overhead_ratio)
 
     def with_seed(self) -> "GenerationParams":
         """A copy with a concrete seed (a random one for -1, as the webui does)."""

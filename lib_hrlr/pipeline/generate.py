@@ -24,13 +24,14 @@ from ..memory.budget import BudgetPlan, plan_budget
 from ..memory.meter import MemoryMeter, rss_mb
 from ..runtime import DTYPE_NAMES, resolve_device, resolve_dtype, trim_allocator
 from ..sampling.denoiser import EpsDenoiser
-from ..sampling.samplers import get_sampler
+from ..sampling.samplers import SamplerSpec, get_sampler
 from ..sampling import schedule as sched
 from ..tiling.mixture import MixtureDenoiser
 from ..tiling.plan import plan_tiles
 from .params import GenerationParams, base_size, validate, with_model_defaults
 from .progress import Progress
 from . import components
+from .backend import Backend, CheckpointBackend, RunSettings
 
 
 @dataclass
@@ -53,10 +54,11 @@ class NoiseSource:
         return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
 
 
-def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: BudgetPlan) -> str:
+def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: BudgetPlan,
+                   spec: SamplerSpec | None = None, extra: dict | None = None) -> str:
     from ..image.infotext import format_infotext
 
-    spec = get_sampler(p.sampler)
+    spec = spec or get_sampler(p.sampler)
     fields = {
         "Steps": p.steps,
         "Sampler": spec.label,
@@ -76,6 +78,7 @@ def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: 
         "HRLR VAE": p.vae,
         "HRLR regions": json.dumps([asdict(r) for r in p.regions]) if p.regions else None,
         "HRLR budget MB": int(p.budget_mb),
+        **(extra or {}),
     }
     return format_infotext(p.prompt, p.negative, {k: v for k, v in fields.items() if v is not None})
 
@@ -87,8 +90,17 @@ def generate(
     progress: Callable | None = None,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
+    backend: Backend | None = None,
+    sampler: SamplerSpec | None = None,
+    infotext_extra: dict | None = None,
+    on_preview: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerationResult:
-    """Run the whole pipeline and write ``params.out``; raise HrlrError subclasses on bad input."""
+    """Run the whole pipeline and write ``params.out``; raise HrlrError subclasses on bad input.
+
+    ``backend`` supplies the networks (default: stream them from ``params.model``);
+    ``sampler`` replaces the sampler named by ``params.sampler`` (e.g. the webui's own, with
+    its scheduler); ``on_preview(latent)`` sees the canvas after every step of the tiled pass.
+    """
     own_meter = meter is None
     meter = meter or MemoryMeter()
     if own_meter:
@@ -106,8 +118,9 @@ def generate(
             meter.cuda_device = device
 
         with meter.stage("load"):
-            ckpt = components.open_model(params.model)
-        cfg: ModelConfig = ckpt.config
+            if backend is None:
+                backend = CheckpointBackend(components.open_model(params.model))
+        cfg: ModelConfig = backend.config
         params = with_model_defaults(params, cfg)
         validate(params, cfg)
         params = params.with_seed()
@@ -117,7 +130,9 @@ def generate(
         if params.vae == "taesd":
             components.taesd_dir(params.taesd_dir)  # fail now, not after the UNet passes
 
-        baseline = rss_mb()
+        # a backend holding its weights already counts them in the RSS: the budget is what the
+        # run adds on top of what the process holds now
+        baseline = rss_mb() if backend.resident_mb == 0 else 0.0
         plan = plan_budget(
             cfg,
             budget_mb=params.budget_mb,
@@ -128,34 +143,38 @@ def generate(
             taesd=params.vae == "taesd",
             tile_batch=params.tile_batch,
             vae_tile=params.vae_tile,
-            unet_total_mb=components.component_mb(ckpt, "unet", dtype),
+            unet_total_mb=backend.unet_total_mb(dtype),
             samples_per_tile=1 if params.cfg == 1.0 else 2,
             canvas_pixels=lh * lw,
         )
         say(plan.table())
         cache_bytes = int(plan.unet_cache_mb * 1024 * 1024)
         noise = NoiseSource(params.seed)
-        vae_kw = dict(dtype=vae_dtype, device=vae_device, spill_dir=params.spill_dir,
-                      attention=params.vae_attention, should_stop=should_stop)
+        backend.prepare(RunSettings(dtype=dtype, device=device, vae_dtype=vae_dtype, vae_device=vae_device,
+                                    cache_bytes=cache_bytes, vae_mode=params.vae, taesd_dir=params.taesd_dir,
+                                    spill_dir=params.spill_dir, vae_attention=params.vae_attention), meter)
 
         # 1. text encoding ---------------------------------------------------------------
         prompts = [params.prompt, params.negative] + [r.prompt for r in params.regions]
         with meter.stage("text_encoder"):
             prog.stage("text", len(prompts))
-            contexts = components.encode_text(ckpt, prompts, params.clip_skip, dtype, device, cache_bytes)
+            contexts = backend.encode_text(prompts, params.clip_skip)
             prog.update(len(prompts))
         trim_allocator()
         cond, uncond, region_ctx = contexts[0], contexts[1], contexts[2:]
 
-        spec = get_sampler(params.sampler)
+        spec = sampler or get_sampler(params.sampler)
         schedule = sched.sd_schedule()
         base_steps = params.base_steps or params.steps
 
+        def full_sigmas(n: int) -> torch.Tensor:
+            return spec.sigmas(n) if spec.sigmas is not None else schedule.sigmas_for(spec.schedule, n)
+
         # 2. base image at native size ---------------------------------------------------
         bw, bh = base_size(params.width, params.height, cfg.native_size)
-        with meter.stage("base_unet"), components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
+        with meter.stage("base_unet"), backend.unet() as unet:
             den = EpsDenoiser(unet, schedule, cond, uncond, params.cfg, dtype=dtype)
-            sigmas = schedule.sigmas_for(spec.schedule, base_steps)
+            sigmas = full_sigmas(base_steps)
             prog.stage("base", len(sigmas) - 1)
             x = noise((1, cfg.unet.in_channels, bh // f, bw // f)) * sigmas[0]
             base_latent = spec.fn(den, x, sigmas, noise=noise, should_stop=should_stop,
@@ -166,8 +185,7 @@ def generate(
         # 3. guide: decode the base, upscale, encode at the target size, add noise -------
         with meter.stage("base_decode"):
             prog.stage("base decode", 1)
-            arr = components.decode_latent(ckpt, params.vae, params.taesd_dir, base_latent,
-                                           tile=plan.vae_tile, output="uint8", **vae_kw)
+            arr = backend.decode(base_latent, tile=plan.vae_tile, output="uint8", should_stop=should_stop)
             base_image = components.spill_to_pil(arr)
             arr.close()
             prog.update(1)
@@ -175,19 +193,17 @@ def generate(
         with meter.stage("guide_encode"):
             prog.stage("guide encode", 1)
             source = UpscaledImageSource(base_image, params.width, params.height)
-            guide = components.encode_image(ckpt, params.vae, params.taesd_dir, source,
-                                            px_tile=plan.vae_tile * f,
-                                            progress=lambda d, t: prog.update(d, "tile segments", total=t),
-                                            **vae_kw)
+            guide = backend.encode(source, px_tile=plan.vae_tile * f, should_stop=should_stop,
+                                   progress=lambda d, t: prog.update(d, "tile segments", total=t))
         trim_allocator()
 
         # 4. tiled region denoising over the full canvas ----------------------------------
-        sigmas = schedule.img2img_sigmas(spec.schedule, params.steps, params.strength)
+        sigmas = sched.img2img_tail(full_sigmas(params.steps), params.steps, params.strength)
         with meter.stage("tiled_unet"):
             if params.time_unet_eval:
                 with meter.stage("unet_eval_timing"):
-                    stats["unet_eval_s"] = components.time_one_eval(ckpt, params.tile, cond, dtype, device)
-            with components.unet_streamer(ckpt, dtype, device, cache_bytes, meter) as unet:
+                    stats["unet_eval_s"] = backend.time_one_eval(params.tile, cond)
+            with backend.unet() as unet:
                 den = EpsDenoiser(unet, schedule, cond, uncond, params.cfg, dtype=dtype)
                 steps_total = len(sigmas) - 1
                 step = {"i": 0}
@@ -203,6 +219,8 @@ def generate(
 
                 def on_step(info):
                     step["i"] = info["i"] + 1
+                    if on_preview is not None:
+                        on_preview(info["x"])
 
                 latent = spec.fn(mix, x, sigmas, noise=noise, callback=on_step, should_stop=should_stop)
                 stats["tiled_unet_evals"] = den.samples
@@ -210,13 +228,11 @@ def generate(
         trim_allocator()
 
         # 5. decode and write ---------------------------------------------------------------
-        infotext = build_infotext(params, ckpt.name, ckpt.sha256_short, plan)
+        infotext = build_infotext(params, backend.name, backend.hash, plan, spec, infotext_extra)
         with meter.stage("vae_decode"):
             prog.stage("decode", 1)
-            arr = components.decode_latent(ckpt, params.vae, params.taesd_dir, latent, tile=plan.vae_tile,
-                                           output="uint8",
-                                           progress=lambda d, t: prog.update(d, "tile segments", total=t),
-                                           **vae_kw)
+            arr = backend.decode(latent, tile=plan.vae_tile, output="uint8", should_stop=should_stop,
+                                 progress=lambda d, t: prog.update(d, "tile segments", total=t))
         with meter.stage("png_write"):
             try:
                 write_png(params.out, arr, {"parameters": infotext})

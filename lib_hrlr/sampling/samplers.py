@@ -199,6 +199,9 @@ class SamplerSpec:
     schedule: str
     label: str
     stochastic: bool = False
+    # the full sigma sequence for n steps (ending in 0); None = ``schedule`` on the SD schedule.
+    # Lets a caller bring its own scheduler (the webui's) with its own sampler functions.
+    sigmas: Callable[[int], torch.Tensor] | None = None
 
 
 SAMPLERS: tuple[SamplerSpec, ...] = (

@@ -141,12 +141,17 @@ class DiscreteSchedule:
         (always at least one) starting at noise level ``result[0]``.  The init latent is noised
         as ``x0 + noise * result[0]``.
         """
-        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0.0 <= strength <= 1.0):
-            raise InvalidInput("strength", f"must be a number in [0, 1], got {strength!r}")
-        full = self.sigmas_for(kind, steps)
-        t_enc = int(min(float(strength), 0.999) * steps)
-        run = min(t_enc + 1, full.numel() - 1)
-        return full[full.numel() - 1 - run :].clone()
+        return img2img_tail(self.sigmas_for(kind, steps), steps, strength)
+
+
+def img2img_tail(full: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
+    """The part of a full ``steps``-step sigma sequence (ending in 0) that img2img at
+    ``strength`` runs; see :meth:`DiscreteSchedule.img2img_sigmas`."""
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise InvalidInput("strength", f"must be a number in [0, 1], got {strength!r}")
+    t_enc = int(min(float(strength), 0.999) * steps)
+    run = min(t_enc + 1, full.numel() - 1)
+    return full[full.numel() - 1 - run :].clone()
 
 
 def sd_schedule() -> DiscreteSchedule:

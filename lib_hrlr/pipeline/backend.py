@@ -1,0 +1,119 @@
+"""Where a generation's networks come from: the pipeline asks a backend, never a file.
+
+:class:`CheckpointBackend` streams every component from a checkpoint on disk (the CLI, and
+the webui's LowRAM mode).  Other backends wrap a model that is already loaded (the webui's
+own, see :mod:`lib_hrlr.adapters.ldm`).  A backend is created for one run with the plan's
+numbers (dtype, device, weight cache) and offers:
+
+* ``config`` / ``name`` / ``hash`` — the architecture and how the infotext names the model;
+* ``resident_mb`` — weights already in memory before the run (0 when streamed);
+* ``encode_text(prompts, clip_skip)`` — one float32 ``(1, 77k, ctx)`` conditioning per prompt;
+* ``unet()`` — a context manager yielding ``eps(x, t, context)``;
+* ``decode(latent, ...)`` / ``encode(source, ...)`` — tiled VAE passes on *scaled* latents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Protocol
+
+import torch
+
+from ..config.architectures import ModelConfig
+from ..memory.meter import MemoryMeter
+from ..weights.checkpoint import Checkpoint
+from . import components
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every backend needs to know about the run (from the params and the budget plan)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    vae_dtype: torch.dtype
+    vae_device: torch.device
+    cache_bytes: int = 0
+    vae_mode: str = "full"
+    taesd_dir: str | None = None
+    spill_dir: str | None = None
+    vae_attention: str = "global"
+
+
+class Backend(Protocol):
+    config: ModelConfig
+    name: str
+    hash: str
+    resident_mb: float
+
+    def prepare(self, settings: RunSettings, meter: MemoryMeter | None) -> None: ...
+
+    def encode_text(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]: ...
+
+    def unet(self) -> ContextManager[Callable]: ...
+
+    def decode(self, latent: torch.Tensor, *, tile: int, output: str, progress=None, should_stop=None): ...
+
+    def encode(self, source, *, px_tile: int, progress=None, should_stop=None) -> torch.Tensor: ...
+
+    def unet_total_mb(self, dtype: torch.dtype) -> float: ...
+
+    def time_one_eval(self, tile: int, cond: torch.Tensor) -> float: ...
+
+
+class CheckpointBackend:
+    """Every component streamed from ``ckpt`` and freed when its stage ends."""
+
+    resident_mb = 0.0
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.config: ModelConfig = ckpt.config
+        self.name = ckpt.name
+        self.settings: RunSettings | None = None
+        self.meter: MemoryMeter | None = None
+
+    @property
+    def hash(self) -> str:
+        return self.ckpt.sha256_short
+
+    def prepare(self, settings: RunSettings, meter: MemoryMeter | None) -> None:
+        self.settings, self.meter = settings, meter
+
+    def unet_total_mb(self, dtype: torch.dtype) -> float:
+        return components.component_mb(self.ckpt, "unet", dtype)
+
+    def encode_text(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
+        s = self.settings
+        return components.encode_text(self.ckpt, prompts, clip_skip, s.dtype, s.device, s.cache_bytes)
+
+    def unet(self):
+        s = self.settings
+        return components.unet_streamer(self.ckpt, s.dtype, s.device, s.cache_bytes, self.meter)
+
+    def time_one_eval(self, tile: int, cond: torch.Tensor) -> float:
+        s = self.settings
+        return components.time_one_eval(self.ckpt, tile, cond, s.dtype, s.device)
+
+    def _vae_kw(self, should_stop) -> dict:
+        s = self.settings
+        return dict(dtype=s.vae_dtype, device=s.vae_device, spill_dir=s.spill_dir, attention=s.vae_attention,
+                    should_stop=should_stop)
+
+    def decode(self, latent, *, tile, output, progress=None, should_stop=None):
+        s = self.settings
+        return components.decode_latent(self.ckpt, s.vae_mode, s.taesd_dir, latent, tile=tile, output=output,
+                                        progress=progress, **self._vae_kw(should_stop))
+
+    def encode(self, source, *, px_tile, progress=None, should_stop=None):
+        s = self.settings
+        return components.encode_image(self.ckpt, s.vae_mode, s.taesd_dir, source, px_tile=px_tile,
+                                       progress=progress, **self._vae_kw(should_stop))
+
+
+@contextlib.contextmanager
+def no_grad_unet(fn: Callable):
+    """Wrap an eps callable of a resident model for the ``unet()`` protocol."""
+    with torch.inference_mode():
+        yield fn

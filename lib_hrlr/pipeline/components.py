@@ -251,17 +251,19 @@ def vae_half(ckpt: Checkpoint, half: str, dtype: torch.dtype, device: torch.devi
 
 def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: torch.Tensor, *,
                   dtype: torch.dtype, device: torch.device, tile: int, output: str, spill_dir: str | None,
-                  attention: str = "global", progress=None, should_stop=None):
-    """Decode a *scaled* latent (what the UNet works on) to a SpillArray image (H, W, 3)."""
-    cfg: ModelConfig = ckpt.config
-    z = latent / cfg.vae.scaling_factor
+                  attention: str = "global", progress=None, should_stop=None, scaling_factor: float | None = None):
+    """Decode a *scaled* latent (what the UNet works on) to a SpillArray image (H, W, 3).
+
+    ``ckpt`` may be None with TAESD, given the model's ``scaling_factor``."""
+    scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
+    z = latent / scale
     if vae_mode == "taesd":
         from ..models.taesd import load_taesd_decoder
         from ..vae.tiled_taesd import decode_tiled
 
         dec = load_taesd_decoder(taesd_dir(taesd) / TAESD_FILES[1], dtype=dtype).to(device)
         with torch.inference_mode():
-            return decode_tiled(dec, z.to(device), tile=tile, output=output, scaling_factor=cfg.vae.scaling_factor,
+            return decode_tiled(dec, z.to(device), tile=tile, output=output, scaling_factor=scale,
                                 spill_dir=spill_dir, progress=progress, should_stop=should_stop)
     from ..vae.tiled_vae import decode_tiled
 
@@ -272,16 +274,18 @@ def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: to
 
 def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, dtype: torch.dtype,
                  device: torch.device, px_tile: int, spill_dir: str | None, attention: str = "global",
-                 progress=None, should_stop=None) -> torch.Tensor:
-    """Encode an image source (``read(y0, y1, x0, x1)`` in [-1, 1]) to a *scaled* latent, float32 CPU."""
-    cfg: ModelConfig = ckpt.config
+                 progress=None, should_stop=None, scaling_factor: float | None = None) -> torch.Tensor:
+    """Encode an image source (``read(y0, y1, x0, x1)`` in [-1, 1]) to a *scaled* latent, float32 CPU.
+
+    ``ckpt`` may be None with TAESD, given the model's ``scaling_factor``."""
+    scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
     if vae_mode == "taesd":
         from ..models.taesd import load_taesd_encoder
         from ..vae.tiled_taesd import encode_tiled
 
         enc = load_taesd_encoder(taesd_dir(taesd) / TAESD_FILES[0], dtype=dtype).to(device)
         with torch.inference_mode():
-            z = encode_tiled(enc, source, tile=min(px_tile, TAESD_ENCODE_TILE), scaling_factor=cfg.vae.scaling_factor,
+            z = encode_tiled(enc, source, tile=min(px_tile, TAESD_ENCODE_TILE), scaling_factor=scale,
                              progress=progress, should_stop=should_stop)
     else:
         from ..vae.tiled_vae import encode_tiled
@@ -289,7 +293,7 @@ def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, 
         with vae_half(ckpt, "encoder", dtype, device) as vae:
             z = encode_tiled(vae, source, tile=px_tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
                              progress=progress, should_stop=should_stop)
-    return (z.float() * cfg.vae.scaling_factor).cpu()
+    return (z.float() * scale).cpu()
 
 
 def spill_to_pil(arr):

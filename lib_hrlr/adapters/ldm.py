@@ -1,0 +1,141 @@
+"""A backend over an already-loaded LDM ``LatentDiffusion`` model (what the webui holds).
+
+Duck-typed: the model needs ``get_learned_conditioning(list[str]) -> (B, T, C)``,
+``apply_model(x, t, cond) -> eps`` and ``first_stage_model`` (an LDM ``AutoencoderKL``
+with the original parameter names, which is what :mod:`lib_hrlr.vae.tiled_vae` reads), and
+``scale_factor``.  Nothing here imports the webui: the glue in ``scripts/`` passes its model
+and, optionally, its own text function (for prompt syntax, embeddings, LoRA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from ..config.architectures import ModelConfig, VAEConfig
+from ..pipeline.backend import RunSettings
+from ..pipeline import components
+from ..memory.meter import MemoryMeter, attach_module_labels
+
+
+class LdmVaeView:
+    """What the tiled VAE needs of an autoencoder (``cfg``, which halves exist, parameters by
+    name) seen on an LDM ``AutoencoderKL`` without copying it."""
+
+    def __init__(self, module: torch.nn.Module, cfg: VAEConfig):
+        self.module, self.cfg = module, cfg
+        self.has_encoder = hasattr(module, "encoder")
+        self.has_decoder = hasattr(module, "decoder")
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def get_submodule(self, path: str) -> torch.nn.Module:
+        return self.module.get_submodule(path)
+
+
+def module_mb(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+
+
+class LdmBackend:
+    """UNet, VAE and text encoder of ``model``, all resident already (nothing is loaded or freed).
+
+    ``text_fn(prompts) -> (B, T, C)``: defaults to ``model.get_learned_conditioning``; rows
+    share T (the webui pads every prompt of a batch to the longest).  ``eps_dtype``: what the
+    UNet's inputs are cast to (the model's own dtype by default).
+    """
+
+    def __init__(self, model, config: ModelConfig, name: str, hash: str,
+                 text_fn: Callable[[list[str]], torch.Tensor] | None = None,
+                 wrap_call: Callable[[], contextlib.AbstractContextManager] | None = None):
+        self.model = model
+        self.config = config
+        self.name = name
+        self.hash = hash
+        self.text_fn = text_fn or model.get_learned_conditioning
+        self.wrap_call = wrap_call or contextlib.nullcontext
+        self.resident_mb = module_mb(model)
+        self.settings: RunSettings | None = None
+        self.meter: MemoryMeter | None = None
+
+    # -- protocol -------------------------------------------------------------------------------
+    def prepare(self, settings: RunSettings, meter: MemoryMeter | None) -> None:
+        self.settings, self.meter = settings, meter
+
+    def unet_total_mb(self, dtype: torch.dtype) -> float:
+        return 0.0  # resident already: counted in the process RSS, not in the run's budget
+
+    def encode_text(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
+        with torch.no_grad(), self.wrap_call():
+            c = self.text_fn(list(prompts))
+        if isinstance(c, dict):  # SDXL-style conditioning: cross-attention part only
+            c = c["crossattn"]
+        return [c[i : i + 1].detach().float().cpu() for i in range(c.shape[0])]
+
+    @contextlib.contextmanager
+    def unet(self):
+        unet_module = self.model.model.diffusion_model if hasattr(self.model, "model") else None
+        labels = contextlib.ExitStack()
+        if self.meter is not None and unet_module is not None:
+            from ..pipeline.components import unet_block_labels
+
+            labels.enter_context(attach_module_labels(self.meter, unet_block_labels(unet_module)))
+        device = self.settings.device
+
+        def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            with self.wrap_call():
+                out = self.model.apply_model(x.to(device), t.to(device), context.to(device))
+            return out.float().cpu()
+
+        with torch.no_grad(), labels:
+            yield eps
+
+    def time_one_eval(self, tile: int, cond: torch.Tensor) -> float:
+        import time
+
+        with self.unet() as eps:
+            x = torch.randn(1, self.config.unet.in_channels, tile, tile, generator=torch.Generator().manual_seed(0))
+            t0 = time.perf_counter()
+            eps(x.to(self.settings.dtype), torch.full((1,), 500.0), cond[:, :77].to(self.settings.dtype))
+            return time.perf_counter() - t0
+
+    def _vae(self) -> LdmVaeView:
+        return LdmVaeView(self.model.first_stage_model, self.config.vae)
+
+    def decode(self, latent, *, tile, output, progress=None, should_stop=None):
+        s = self.settings
+        if s.vae_mode == "taesd":
+            return _taesd_decode(self.config, s, latent, tile, output, progress, should_stop)
+        from ..vae.tiled_vae import decode_tiled
+
+        z = latent / self.config.vae.scaling_factor
+        vae = self._vae()
+        dtype = next(vae.parameters()).dtype
+        with torch.no_grad():
+            return decode_tiled(vae, z, tile=tile, dtype=dtype, spill_dir=s.spill_dir, attention=s.vae_attention,
+                                output=output, progress=progress, should_stop=should_stop)
+
+    def encode(self, source, *, px_tile, progress=None, should_stop=None):
+        s = self.settings
+        if s.vae_mode == "taesd":
+            return components.encode_image(None, "taesd", s.taesd_dir, source, dtype=s.vae_dtype,
+                                           device=s.vae_device, px_tile=px_tile, spill_dir=s.spill_dir,
+                                           progress=progress, should_stop=should_stop,
+                                           scaling_factor=self.config.vae.scaling_factor)
+        from ..vae.tiled_vae import encode_tiled
+
+        vae = self._vae()
+        dtype = next(vae.parameters()).dtype
+        with torch.no_grad():
+            z = encode_tiled(vae, source, tile=px_tile, dtype=dtype, spill_dir=s.spill_dir,
+                             attention=s.vae_attention, progress=progress, should_stop=should_stop)
+        return (z.float() * self.config.vae.scaling_factor).cpu()
+
+
+def _taesd_decode(cfg: ModelConfig, s: RunSettings, latent, tile, output, progress, should_stop):
+    return components.decode_latent(None, "taesd", s.taesd_dir, latent, dtype=s.vae_dtype, device=s.vae_device,
+                                    tile=tile, output=output, spill_dir=s.spill_dir, progress=progress,
+                                    should_stop=should_stop, scaling_factor=cfg.vae.scaling_factor)

@@ -42,6 +42,18 @@ def read_status_kb(keys: tuple[str, ...] = ("VmRSS", "VmHWM"), pid: int | str = 
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs`` 5), so that the peak
+    of a run inside a long-lived process (the webui) is not its load-time peak.  False where
+    the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def rss_mb() -> float:
     return read_status_kb(("VmRSS",)).get("VmRSS", 0) / 1024
 
@@ -69,12 +81,14 @@ class MemoryReport:
     peak_vram_mb: float | None
     wall_s: float
     entries: list[Entry]
+    run_peak_rss_mb: float = 0.0  # highest RSS seen while the meter ran (VmHWM rises included)
 
     def as_dict(self) -> dict:
         return {
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "baseline_rss_mb": round(self.baseline_rss_mb, 1),
             "peak_vram_mb": None if self.peak_vram_mb is None else round(self.peak_vram_mb, 1),
+            "run_peak_rss_mb": round(self.run_peak_rss_mb, 1),
             "wall_s": round(self.wall_s, 3),
             "modules": [
                 {
@@ -126,12 +140,14 @@ class MemoryMeter:
         self._t0 = 0.0
         self._baseline = 0.0
         self._wall = 0.0
+        self._run_peak = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "MemoryMeter":
         st = read_status_kb()
         self._baseline = st.get("VmRSS", 0) / 1024
         self._last_hwm_kb = st.get("VmHWM", 0)
+        self._run_peak = self._baseline
         self._t0 = time.perf_counter()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="hrlr-memory-meter", daemon=True)
@@ -169,6 +185,7 @@ class MemoryMeter:
                 # the process reached a new peak since the last sample, while these labels were open
                 peak = max(peak, hwm_kb / 1024)
                 self._last_hwm_kb = hwm_kb
+            self._run_peak = max(self._run_peak, peak)
             for e in self._open:
                 if peak > e.peak_rss_mb:
                     e.peak_rss_mb = peak
@@ -246,6 +263,7 @@ class MemoryMeter:
             peak_vram_mb=vram,
             wall_s=wall,
             entries=entries,
+            run_peak_rss_mb=self._run_peak,
         )
 
 

@@ -37,7 +37,7 @@ from lib_hrlr.runtime import trim_allocator
 from lib_hrlr.sampling.samplers import SamplerSpec
 from lib_hrlr.sampling.schedule import sd_schedule
 from lib_hrlr.tiling.plan import plan_tiles
-from lib_hrlr.tiling.regions import Region
+from lib_hrlr.tiling.regions import Region, check_disjoint
 from lib_hrlr.tiling.wrap import TiledDenoiser
 from lib_hrlr.weights.checkpoint import open_checkpoint
 
@@ -195,10 +195,11 @@ def parse_regions(rows) -> tuple[Region, ...]:
             rect = [int(float(v)) for v in (x, y, w, h)]
             weight = 1.0 if weight in (None, "") else float(weight)
         except (TypeError, ValueError):
-            raise InvalidInput(f"regions[{i}]", "x, y, w, h must be integers (pixels) and weight a number")
+            raise InvalidInput(f"region[{i}]", "x, y, w, h must be integers (pixels) and weight a number")
         if not prompt or not str(prompt).strip():
-            raise InvalidInput(f"regions[{i}].prompt", "a region needs a prompt")
+            raise InvalidInput(f"region[{i}].prompt", "a region needs a prompt")
         out.append(Region(rect[0], rect[1], rect[2], rect[3], str(prompt), weight))
+    check_disjoint(out)
     return tuple(out)
 
 
@@ -230,7 +231,7 @@ def run_generation(req: dict, *, on_event=None) -> dict:
         tile=req.get("tile") or None, overlap=req.get("overlap"), tile_batch=req.get("tile_batch") or None,
         weighting=WEIGHTING_CHOICES.get(req.get("weighting"), req.get("weighting", "gaussian")),
         regions=regions, vae=VAE_CHOICES.get(req.get("vae"), req.get("vae", "full")),
-        budget_mb=float(req.get("budget_mb", 800)),
+        budget_mb=float(req.get("budget_mb", 800)), budget_scope="run",
         taesd_dir=req.get("taesd_dir") or os.environ.get("HRLR_TAESD_DIR") or _webui_taesd_dir(),
         model=info.filename, out="hrlr.png",
     ).with_seed()

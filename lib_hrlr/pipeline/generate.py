@@ -132,7 +132,7 @@ def generate(
 
         # a backend holding its weights already counts them in the RSS: the budget is what the
         # run adds on top of what the process holds now
-        baseline = rss_mb() if backend.resident_mb == 0 else 0.0
+        baseline = rss_mb() if backend.resident_mb == 0 and params.budget_scope == "process" else 0.0
         plan = plan_budget(
             cfg,
             budget_mb=params.budget_mb,

@@ -41,6 +41,9 @@ class GenerationParams:
     device: str = "auto"
     vae_device: str = "cpu"  # the VAE may stay on the CPU while the UNet runs on CUDA
     budget_mb: float = 800.0
+    # "process": the whole process's peak RSS (the CLI); "run": what the run adds to the process
+    # as it is when the run starts (inside a long-lived host such as the webui)
+    budget_scope: str = "process"
     stream_unet: bool = True
     spill_dir: str | None = None
     out: str = "hrlr.png"
@@ -112,6 +115,8 @@ def validate(p: GenerationParams, model: ModelConfig) -> None:
     _int_field("clip_skip", p.clip_skip, 1, model.text.num_layers)
     if not (math.isfinite(p.budget_mb) and p.budget_mb > 0):
         raise InvalidInput("budget_mb", f"must be a positive number of MB, got {p.budget_mb}")
+    if p.budget_scope not in ("process", "run"):
+        raise InvalidInput("budget_scope", f"'{p.budget_scope}' is not one of: process, run")
     if not p.out.lower().endswith(".png"):
         raise InvalidInput("out", f"must be a .png path, got '{p.out}'")
     validate_regions(p.regions, p.width, p.height)

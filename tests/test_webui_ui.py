@@ -1,0 +1,114 @@
+"""The HighRes-LowRAM tab in a real webui, driven by headless Chromium (Playwright, loopback only):
+generate from the tab and see the image and the memory panel; interrupt a run and generate again.
+
+Needs a prepared webui (tests/webui_support.py), the playwright package and a Chromium binary
+($HRLR_CHROMIUM, default /usr/bin/chromium); skipped with the reason when one is absent."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.webui_support import Webui, missing_reason
+
+CHROMIUM = os.environ.get("HRLR_CHROMIUM", "/usr/bin/chromium")
+
+
+def _ui_missing() -> str | None:
+    if missing_reason():
+        return missing_reason()
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -r requirements-dev.txt)"
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM} (apt install chromium, or set HRLR_CHROMIUM)"
+    return None
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.webui, pytest.mark.skipif(_ui_missing() is not None,
+                                                                       reason=_ui_missing() or "")]
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    w = Webui(tmp_path_factory.mktemp("webui-ui"), api_only=False)
+    try:
+        w.start()
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_tab(browser, webui):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(webui.url, timeout=120_000)
+    page.wait_for_selector("#tabs", timeout=120_000)
+    page.get_by_role("button", name="HighRes-LowRAM").first.click()
+    page.wait_for_selector("#hrlr_prompt textarea", state="visible")
+    return page
+
+
+def set_size(page, width: int, height: int):
+    page.click("#hrlr_preset input")
+    page.click("#hrlr_preset li[data-value='Custom']")
+    for sel, v in (("#hrlr_width input", width), ("#hrlr_height input", height)):
+        page.fill(sel, str(v))
+        page.press(sel, "Tab")
+
+
+def test_tab_generates_image_and_shows_memory_panel(browser, webui, tmp_path):
+    page = open_tab(browser, webui)
+    page.fill("#hrlr_prompt textarea", "a lighthouse on a cliff")
+    set_size(page, 768, 512)
+    page.fill("#hrlr_steps input[type=number]", "2")
+    page.press("#hrlr_steps input[type=number]", "Tab")
+    page.click("#hrlr_generate")
+    page.wait_for_selector("#hrlr_gallery img", timeout=600_000)
+    page.wait_for_selector("#hrlr_memory_report", timeout=60_000)
+    report = page.inner_text("#hrlr_memory_report")
+    assert "tiled_unet" in report and "vae_decode" in report and "added by the run" in report
+    info = page.inner_text("#html_info_hrlr")
+    assert "a lighthouse on a cliff" in info and "Size: 768x512" in info and "HRLR tile: 64" in info
+    shot = tmp_path / "hrlr-tab.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("HRLR_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["HRLR_SCREENSHOT_DIR"]) / "hrlr-tab.png")
+    page.close()
+
+
+def test_interrupt_mid_run_then_generate_again(browser, webui):
+    page = open_tab(browser, webui)
+    page.fill("#hrlr_prompt textarea", "a very large canvas")
+    set_size(page, 2048, 2048)
+    page.fill("#hrlr_steps input[type=number]", "20")
+    page.press("#hrlr_steps input[type=number]", "Tab")
+    page.click("#hrlr_generate")
+    page.wait_for_selector("#hrlr_gallery_container .progressDiv", timeout=120_000)
+    page.wait_for_timeout(3000)
+    page.click("#hrlr_interrupt")
+    page.wait_for_selector("#html_log_hrlr .hrlr-interrupted", timeout=600_000)
+    assert page.query_selector("#hrlr_gallery img") is None
+    # the webui is usable again: a small run goes through
+    set_size(page, 512, 512)
+    page.fill("#hrlr_steps input[type=number]", "1")
+    page.press("#hrlr_steps input[type=number]", "Tab")
+    page.click("#hrlr_generate")
+    page.wait_for_selector("#hrlr_gallery img", timeout=600_000)
+    assert "Size: 512x512" in page.inner_text("#html_info_hrlr")
+    page.close()
+

@@ -33,7 +33,7 @@ from lib_hrlr.image.preview import latent_preview
 from lib_hrlr.memory.meter import MemoryMeter, reset_peak_rss, rss_mb
 from lib_hrlr.pipeline.generate import generate
 from lib_hrlr.pipeline.params import GenerationParams
-from lib_hrlr.runtime import trim_allocator
+from lib_hrlr.runtime import trim_allocator, tune_allocator
 from lib_hrlr.sampling.samplers import SamplerSpec
 from lib_hrlr.sampling.schedule import sd_schedule
 from lib_hrlr.tiling.plan import plan_tiles
@@ -144,6 +144,9 @@ def release_webui_model():
         pass
     sd_models.model_data.sd_model = None
     sd_models.model_data.loaded_sd_models = [m for m in sd_models.model_data.loaded_sd_models if m is not model]
+    # other webui objects (finished jobs, samplers, hijacks) may still point at the model:
+    # move its tensors to the meta device so their memory goes whoever holds the module
+    model.to(device="meta")
     del model
     gc.collect()
     devices.torch_gc()
@@ -262,28 +265,28 @@ def run_generation(req: dict, *, on_event=None) -> dict:
     def should_stop():
         return bool(state.interrupted or state.skipped or getattr(state, "stopping_generation", False))
 
-    reset_peak_rss()
-    meter = MemoryMeter(cuda_device=devices.device if devices.device.type == "cuda" else None)
+    # glibc keeps freed blocks below its (dynamic) mmap threshold in its heaps: streamed weights
+    # (GBs freed per UNet pass) would stay resident.  Serve big tensors by mmap from now on.
+    tune_allocator()
     released = None
     rss_before = rss_mb()
-    rss_idle = rss_before
+    meter = MemoryMeter(cuda_device=devices.device if devices.device.type == "cuda" else None)
     t0 = time.perf_counter()
     extra = {"HRLR mode": "LowRAM" if lowram else "webui model"}
     if spec.schedule != "automatic":
         extra["Schedule type"] = spec.schedule.title()
     try:
+        if lowram:  # before the meter starts: the run's peak is measured from the model-less process
+            released = release_webui_model()
+        rss_idle = rss_mb()
+        reset_peak_rss()
         meter.start()
         if lowram:
-            released = release_webui_model()
-            rss_idle = rss_mb()
-            reset_peak_rss()
             params = replace(params, dtype="auto", device="cpu" if devices.device.type == "cpu" else "auto")
             result = generate(params, meter=meter, progress=progress, should_stop=should_stop,
                               sampler=spec, infotext_extra=extra, on_preview=preview)
         else:
             model = shared.sd_model
-            rss_idle = rss_mb()
-            reset_peak_rss()
             prompts = [params.prompt, params.negative] + [r.prompt for r in regions]
             with extra_networks_active(prompts, model) as (stripped, net_params):
                 cfg = model_config(info.filename)

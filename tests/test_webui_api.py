@@ -7,7 +7,7 @@ Needs a prepared webui (see tests/webui_support.py); skipped with the reason whe
 import numpy as np
 import pytest
 
-from tests.webui_support import Webui, decode_png, missing_reason
+from tests.webui_support import decode_png, missing_reason, running_webui
 
 pytestmark = [pytest.mark.slow, pytest.mark.webui,
               pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")]
@@ -17,12 +17,8 @@ ALWAYSON = "HighRes-LowRAM"
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    w = Webui(tmp_path_factory.mktemp("webui-api"), api_only=True)
-    try:
-        w.start()
+    with running_webui(tmp_path_factory.mktemp("webui-api"), api_only=True) as w:
         yield w
-    finally:
-        w.stop()
 
 
 def test_extension_loads_without_errors_and_registers_script_and_routes(webui):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.webui_support import Webui, missing_reason
+from tests.webui_support import missing_reason, running_webui
 
 CHROMIUM = os.environ.get("HRLR_CHROMIUM", "/usr/bin/chromium")
 
@@ -33,12 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.webui, pytest.mark.skipif(_ui_missin
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    w = Webui(tmp_path_factory.mktemp("webui-ui"), api_only=False)
-    try:
-        w.start()
+    with running_webui(tmp_path_factory.mktemp("webui-ui"), api_only=False) as w:
         yield w
-    finally:
-        w.stop()
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +66,18 @@ def set_size(page, width: int, height: int):
         page.press(sel, "Tab")
 
 
-def test_tab_generates_image_and_shows_memory_panel(browser, webui, tmp_path):
-    page = open_tab(browser, webui)
-    page.fill("#hrlr_prompt textarea", "a lighthouse on a cliff")
-    set_size(page, 768, 512)
-    page.fill("#hrlr_steps input[type=number]", "2")
+def start_generation(page, width: int, height: int, steps: int, prompt: str | None = None):
+    if prompt is not None:
+        page.fill("#hrlr_prompt textarea", prompt)
+    set_size(page, width, height)
+    page.fill("#hrlr_steps input[type=number]", str(steps))
     page.press("#hrlr_steps input[type=number]", "Tab")
     page.click("#hrlr_generate")
+
+
+def test_tab_generates_image_and_shows_memory_panel(browser, webui, tmp_path):
+    page = open_tab(browser, webui)
+    start_generation(page, 768, 512, 2, "a lighthouse on a cliff")
     page.wait_for_selector("#hrlr_gallery img", timeout=600_000)
     page.wait_for_selector("#hrlr_memory_report", timeout=60_000)
     report = page.inner_text("#hrlr_memory_report")
@@ -93,21 +94,14 @@ def test_tab_generates_image_and_shows_memory_panel(browser, webui, tmp_path):
 
 def test_interrupt_mid_run_then_generate_again(browser, webui):
     page = open_tab(browser, webui)
-    page.fill("#hrlr_prompt textarea", "a very large canvas")
-    set_size(page, 2048, 2048)
-    page.fill("#hrlr_steps input[type=number]", "20")
-    page.press("#hrlr_steps input[type=number]", "Tab")
-    page.click("#hrlr_generate")
+    start_generation(page, 2048, 2048, 20, "a very large canvas")
     page.wait_for_selector("#hrlr_gallery_container .progressDiv", timeout=120_000)
     page.wait_for_timeout(3000)
     page.click("#hrlr_interrupt")
     page.wait_for_selector("#html_log_hrlr .hrlr-interrupted", timeout=600_000)
     assert page.query_selector("#hrlr_gallery img") is None
     # the webui is usable again: a small run goes through
-    set_size(page, 512, 512)
-    page.fill("#hrlr_steps input[type=number]", "1")
-    page.press("#hrlr_steps input[type=number]", "Tab")
-    page.click("#hrlr_generate")
+    start_generation(page, 512, 512, 1)
     page.wait_for_selector("#hrlr_gallery img", timeout=600_000)
     assert "Size: 512x512" in page.inner_text("#html_info_hrlr")
     page.close()

@@ -9,6 +9,7 @@ copied into it and a test checkpoint is generated there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -250,6 +251,16 @@ class Webui:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         return self._call(req, timeout)
+
+
+@contextlib.contextmanager
+def running_webui(data_dir: Path, **kw):
+    """A started :class:`Webui`, stopped (by its process group) on exit."""
+    w = Webui(data_dir, **kw)
+    try:
+        yield w.start()
+    finally:
+        w.stop()
 
 
 def decode_png(b64: str):

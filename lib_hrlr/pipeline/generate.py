@@ -20,6 +20,7 @@ import torch
 from ..config.architectures import ModelConfig
 from ..image.guide import UpscaledImageSource
 from ..image.png import write_png
+from ..memory import budget
 from ..memory.budget import BudgetPlan, plan_budget
 from ..memory.meter import MemoryMeter, rss_mb
 from ..runtime import DTYPE_NAMES, resolve_device, resolve_dtype, trim_allocator
@@ -137,6 +138,7 @@ def generate(
             cfg,
             budget_mb=params.budget_mb,
             baseline_mb=baseline,
+            safety=budget.HOST_SAFETY if params.budget_scope == "run" else budget.SAFETY,
             tile=params.tile,
             n_tiles=len(tiles.tiles) + len(params.regions),
             dtype_bytes=torch.finfo(dtype).bits // 8,

@@ -191,9 +191,9 @@ def parse_regions(rows) -> tuple[Region, ...]:
             vals = [row.get(k, 1.0 if k == "weight" else None) for k in REGION_HEADERS]
         else:
             vals = list(row) + [None] * (len(REGION_HEADERS) - len(row))
-        if all(v in (None, "") for v in vals):
-            continue
         x, y, w, h, weight, prompt = vals[:6]
+        if not str(prompt or "").strip() and all(v in (None, "", 0, 0.0, "0") for v in (x, y, w, h)):
+            continue  # the table's empty row (gradio fills number cells with 0)
         try:
             rect = [int(float(v)) for v in (x, y, w, h)]
             weight = 1.0 if weight in (None, "") else float(weight)
@@ -343,13 +343,16 @@ def _webui_taesd_dir() -> Optional[str]:
 def memory_html(memory: dict) -> str:
     mods = memory.get("modules", [])
     stages = [m for m in mods if m.get("kind") == "stage"] or mods
-    top = max([m.get("peak_rss_mb") or 0 for m in stages] + [1])
     w = memory.get("webui", {})
+    idle = w.get("rss_idle_mb", 0)
+    # bars show what each stage added to the process as it was before the run
+    top = max([(m.get("peak_rss_mb") or 0) - idle for m in stages] + [1])
     rows = []
     for m in stages:
         peak = m.get("peak_rss_mb") or 0
-        bar = f"<div class='hrlr-bar' style='width:{100 * peak / top:.0f}%'></div>"
-        rows.append(f"<tr><td>{html.escape(str(m['name']))}</td><td>{peak:.1f}</td>"
+        added = max(0.0, peak - idle)
+        bar = f"<div class='hrlr-bar' style='width:{100 * added / top:.0f}%'></div>"
+        rows.append(f"<tr><td>{html.escape(str(m['name']))}</td><td>{peak:.1f}</td><td>+{added:.1f}</td>"
                     f"<td>{(m.get('seconds') or 0):.1f}</td><td class='hrlr-barcell'>{bar}</td></tr>")
     head = (f"<p>Peak RSS <b>{w.get('peak_rss_mb', 0):.1f} MB</b>; process before the run "
             f"{w.get('rss_idle_mb', 0):.1f} MB; added by the run <b>{w.get('added_mb', 0):.1f} MB</b>"
@@ -357,7 +360,7 @@ def memory_html(memory: dict) -> str:
     if memory.get("peak_vram_mb") is not None:
         head += f"<p>Peak allocated VRAM {memory['peak_vram_mb']:.1f} MB</p>"
     return (f"<div id='hrlr_memory_report'>{head}<table class='hrlr-mem'><tr><th>stage / module</th>"
-            f"<th>peak RSS MB</th><th>s</th><th></th></tr>{''.join(rows)}</table></div>")
+            f"<th>peak RSS MB</th><th>added MB</th><th>s</th><th></th></tr>{''.join(rows)}</table></div>")
 
 
 def error_html(e: Exception) -> str:

@@ -95,14 +95,16 @@ def test_tab_generates_image_and_shows_memory_panel(browser, webui, tmp_path):
 def test_interrupt_mid_run_then_generate_again(browser, webui):
     page = open_tab(browser, webui)
     start_generation(page, 2048, 2048, 20, "a very large canvas")
-    page.wait_for_selector("#hrlr_gallery_container .progressDiv", timeout=120_000)
+    page.wait_for_selector("#hrlr_results_panel .progressDiv", timeout=120_000)  # the run is in the queue
     page.wait_for_timeout(3000)
     page.click("#hrlr_interrupt")
     page.wait_for_selector("#html_log_hrlr .hrlr-interrupted", timeout=600_000)
     assert page.query_selector("#hrlr_gallery img") is None
     # the webui is usable again: a small run goes through
     start_generation(page, 512, 512, 1)
-    page.wait_for_selector("#hrlr_gallery img", timeout=600_000)
-    assert "Size: 512x512" in page.inner_text("#html_info_hrlr")
+    # the live preview also puts an <img> in the gallery: wait for the finished run's infotext
+    page.wait_for_function("document.querySelector('#html_info_hrlr').innerText.includes('Size: 512x512')",
+                           timeout=600_000)
+    assert page.query_selector("#hrlr_gallery img") is not None
     page.close()
 

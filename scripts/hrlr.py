@@ -115,9 +115,8 @@ def webui_sampler(name: str, scheduler: str, seed: int) -> SamplerSpec:
         torch.manual_seed(seed)  # brownian / default noise samplers draw from the global RNG
         return func(model, x, sigmas, extra_args={}, callback=callback, disable=True, **kw)
 
-    label = name if sch is None else name
-    schedule = (sch.label if sch is not None else "Automatic")
-    return SamplerSpec(name=name, fn=run, schedule=schedule.lower(), label=label,
+    schedule = sch.label if sch is not None else "Automatic"
+    return SamplerSpec(name=name, fn=run, schedule=schedule.lower(), label=name,
                        stochastic=bool(options.get("uses_ensd") or options.get("brownian_noise")), sigmas=sigmas)
 
 

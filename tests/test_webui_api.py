@@ -53,6 +53,20 @@ def test_alwayson_script_changes_txt2img_and_is_inert_when_disabled(webui):
     assert np.abs(np.asarray(decode_png(again["images"][0]), dtype=np.float64) - a).max() == 0.0
 
 
+def test_alwayson_script_tiles_img2img_with_the_tiled_vae_encode(webui):
+    base = {"prompt": "a red cube", "steps": 2, "width": 256, "height": 192, "seed": 1, "sampler_name": "Euler"}
+    code, first = webui.post("/sdapi/v1/txt2img", base)
+    assert code == 200, first
+    i2i = dict(base, init_images=[first["images"][0]], denoising_strength=0.6)
+    code, plain = webui.post("/sdapi/v1/img2img", i2i)
+    code_on, tiled = webui.post("/sdapi/v1/img2img", dict(i2i, alwayson_scripts={
+        ALWAYSON: {"args": [True, 16, 8, 1, "Uniform", "Tiled full VAE"]}}))
+    assert code == 200 and code_on == 200, (plain, tiled)
+    a, b = (np.asarray(decode_png(r["images"][0]), dtype=np.float64) for r in (plain, tiled))
+    assert a.shape == b.shape == (192, 256, 3) and np.abs(a - b).mean() > 0.5
+    assert "HRLR weighting: uniform" in tiled["info"]
+
+
 def test_route_returns_2048_image_with_memory_report_and_infotext_round_trips(webui):
     code, res = webui.post("/hrlr/v1/txt2img", {
         "prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "width": 2048, "height": 2048,

@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WEBUI_DIR = Path(os.environ.get("HRLR_WEBUI_DIR", "/opt/sd-webui"))
 WEBUI_PYTHON = Path(os.environ.get("HRLR_WEBUI_PYTHON", str(WEBUI_DIR / "venv" / "bin" / "python")))
 EXTENSION_FILES = ("install.py", "metadata.ini", "style.css", "scripts", "lib_hrlr", "javascript")
-TOKENIZER = ROOT.parent / "shared" / "weights" / "clip-vit-large-patch14-tokenizer"
-TAESD = ROOT.parent / "shared" / "weights" / "taesd"
+SHARED_WEIGHTS = Path(os.environ.get("HRLR_SHARED_WEIGHTS", ROOT.parent / "shared" / "weights"))
+TOKENIZER = SHARED_WEIGHTS / "clip-vit-large-patch14-tokenizer"
+TAESD = SHARED_WEIGHTS / "taesd"
 
 
 def missing_reason() -> str | None:
@@ -36,7 +37,7 @@ def missing_reason() -> str | None:
     if not WEBUI_PYTHON.is_file():
         return f"no webui interpreter at {WEBUI_PYTHON} (set HRLR_WEBUI_PYTHON)"
     if not TOKENIZER.is_dir():
-        return f"no CLIP tokenizer files at {TOKENIZER}"
+        return f"no CLIP tokenizer files at {TOKENIZER} (set HRLR_SHARED_WEIGHTS)"
     return None
 
 

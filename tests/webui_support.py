@@ -155,13 +155,15 @@ def write_test_model(models_dir: Path, arch: str = "tiny") -> Path:
 class Webui:
     """A webui process on loopback with this extension, in its own data dir."""
 
-    def __init__(self, data_dir: Path, *, api_only: bool = True, arch: str = "tiny", extra_args=()):
+    def __init__(self, data_dir: Path, *, api_only: bool = True, arch: str = "tiny", extra_args=(),
+                 auth: tuple[str, str] | None = None):
         self.data_dir = Path(data_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_only = api_only
         self.arch = arch
         self.extra_args = list(extra_args)
+        self.auth = auth  # (user, password) for the readiness calls when started with --api-auth
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "webui.log"
 
@@ -202,10 +204,10 @@ class Webui:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"webui exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                if self.get("/sdapi/v1/options", timeout=5)[0] == 200:
+                if self.get("/sdapi/v1/options", timeout=5, _ready=True)[0] == 200:
                     # readiness = a real generation (the model loads in the background)
                     self.post("/sdapi/v1/txt2img", {"prompt": "ready", "steps": 1, "width": 64, "height": 64},
-                              timeout=timeout)
+                              timeout=timeout, _ready=True)
                     return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
@@ -245,12 +247,20 @@ class Webui:
             except ValueError:
                 return e.code, body.decode(errors="replace")
 
-    def get(self, path: str, timeout: float = 60):
-        return self._call(urllib.request.Request(self.url + path), timeout)
+    def _headers(self, ready: bool) -> dict:
+        if ready and self.auth:
+            import base64
 
-    def post(self, path: str, body: dict, timeout: float = 1200):
+            token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            return {"Authorization": "Basic " + token}
+        return {}
+
+    def get(self, path: str, timeout: float = 60, _ready: bool = False):
+        return self._call(urllib.request.Request(self.url + path, headers=self._headers(_ready)), timeout)
+
+    def post(self, path: str, body: dict, timeout: float = 1200, _ready: bool = False):
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **self._headers(_ready)})
         return self._call(req, timeout)
 
 

@@ -80,9 +80,7 @@ class LdmBackend:
         unet_module = self.model.model.diffusion_model if hasattr(self.model, "model") else None
         labels = contextlib.ExitStack()
         if self.meter is not None and unet_module is not None:
-            from ..pipeline.components import unet_block_labels
-
-            labels.enter_context(attach_module_labels(self.meter, unet_block_labels(unet_module)))
+            labels.enter_context(attach_module_labels(self.meter, components.unet_block_labels(unet_module)))
         device = self.settings.device
 
         def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -102,40 +100,24 @@ class LdmBackend:
             eps(x.to(self.settings.dtype), torch.full((1,), 500.0), cond[:, :77].to(self.settings.dtype))
             return time.perf_counter() - t0
 
-    def _vae(self) -> LdmVaeView:
-        return LdmVaeView(self.model.first_stage_model, self.config.vae)
+    def _vae_kw(self, progress, should_stop) -> dict:
+        """Arguments of the shared VAE stage functions: the webui's autoencoder in its own dtype
+        and device (TAESD in the run's VAE dtype/device)."""
+        s = self.settings
+        kw = dict(spill_dir=s.spill_dir, attention=s.vae_attention, progress=progress, should_stop=should_stop,
+                  scaling_factor=self.config.vae.scaling_factor)
+        if s.vae_mode == "taesd":
+            return dict(kw, dtype=s.vae_dtype, device=s.vae_device)
+        vae = LdmVaeView(self.model.first_stage_model, self.config.vae)
+        p = next(vae.parameters())
+        return dict(kw, dtype=p.dtype, device=p.device, vae=vae)
 
     def decode(self, latent, *, tile, output, progress=None, should_stop=None):
         s = self.settings
-        if s.vae_mode == "taesd":
-            return _taesd_decode(self.config, s, latent, tile, output, progress, should_stop)
-        from ..vae.tiled_vae import decode_tiled
-
-        z = latent / self.config.vae.scaling_factor
-        vae = self._vae()
-        dtype = next(vae.parameters()).dtype
-        with torch.no_grad():
-            return decode_tiled(vae, z, tile=tile, dtype=dtype, spill_dir=s.spill_dir, attention=s.vae_attention,
-                                output=output, progress=progress, should_stop=should_stop)
+        return components.decode_latent(None, s.vae_mode, s.taesd_dir, latent, tile=tile, output=output,
+                                        **self._vae_kw(progress, should_stop))
 
     def encode(self, source, *, px_tile, progress=None, should_stop=None):
         s = self.settings
-        if s.vae_mode == "taesd":
-            return components.encode_image(None, "taesd", s.taesd_dir, source, dtype=s.vae_dtype,
-                                           device=s.vae_device, px_tile=px_tile, spill_dir=s.spill_dir,
-                                           progress=progress, should_stop=should_stop,
-                                           scaling_factor=self.config.vae.scaling_factor)
-        from ..vae.tiled_vae import encode_tiled
-
-        vae = self._vae()
-        dtype = next(vae.parameters()).dtype
-        with torch.no_grad():
-            z = encode_tiled(vae, source, tile=px_tile, dtype=dtype, spill_dir=s.spill_dir,
-                             attention=s.vae_attention, progress=progress, should_stop=should_stop)
-        return (z.float() * self.config.vae.scaling_factor).cpu()
-
-
-def _taesd_decode(cfg: ModelConfig, s: RunSettings, latent, tile, output, progress, should_stop):
-    return components.decode_latent(None, "taesd", s.taesd_dir, latent, dtype=s.vae_dtype, device=s.vae_device,
-                                    tile=tile, output=output, spill_dir=s.spill_dir, progress=progress,
-                                    should_stop=should_stop, scaling_factor=cfg.vae.scaling_factor)
+        return components.encode_image(None, s.vae_mode, s.taesd_dir, source, px_tile=px_tile,
+                                       **self._vae_kw(progress, should_stop))

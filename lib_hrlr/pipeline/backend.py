@@ -14,7 +14,6 @@ numbers (dtype, device, weight cache) and offers:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
 
@@ -111,9 +110,3 @@ class CheckpointBackend:
         return components.encode_image(self.ckpt, s.vae_mode, s.taesd_dir, source, px_tile=px_tile,
                                        progress=progress, **self._vae_kw(should_stop))
 
-
-@contextlib.contextmanager
-def no_grad_unet(fn: Callable):
-    """Wrap an eps callable of a resident model for the ``unet()`` protocol."""
-    with torch.inference_mode():
-        yield fn

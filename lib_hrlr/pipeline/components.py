@@ -249,12 +249,25 @@ def vae_half(ckpt: Checkpoint, half: str, dtype: torch.dtype, device: torch.devi
         yield vae
 
 
+@contextlib.contextmanager
+def _vae_or_half(vae, ckpt: Checkpoint, half: str, dtype: torch.dtype, device: torch.device):
+    """``vae`` as given (a resident model), else the checkpoint's ``half`` streamed in for the stage."""
+    if vae is None:
+        with vae_half(ckpt, half, dtype, device) as v:
+            yield v
+    else:  # no_grad, not inference_mode: the caller's tensors (e.g. the webui's) stay ordinary
+        with torch.no_grad():
+            yield vae
+
+
 def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: torch.Tensor, *,
                   dtype: torch.dtype, device: torch.device, tile: int, output: str, spill_dir: str | None,
-                  attention: str = "global", progress=None, should_stop=None, scaling_factor: float | None = None):
+                  attention: str = "global", progress=None, should_stop=None, scaling_factor: float | None = None,
+                  vae=None):
     """Decode a *scaled* latent (what the UNet works on) to a SpillArray image (H, W, 3).
 
-    ``ckpt`` may be None with TAESD, given the model's ``scaling_factor``."""
+    ``vae``: an already-loaded autoencoder to use instead of the checkpoint's (``ckpt`` may then
+    be None, as with TAESD, given the model's ``scaling_factor``)."""
     scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
     z = latent / scale
     if vae_mode == "taesd":
@@ -267,17 +280,17 @@ def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: to
                                 spill_dir=spill_dir, progress=progress, should_stop=should_stop)
     from ..vae.tiled_vae import decode_tiled
 
-    with vae_half(ckpt, "decoder", dtype, device) as vae:
-        return decode_tiled(vae, z.to(device), tile=tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
+    with _vae_or_half(vae, ckpt, "decoder", dtype, device) as v:
+        return decode_tiled(v, z.to(device), tile=tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
                             output=output, progress=progress, should_stop=should_stop)
 
 
 def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, dtype: torch.dtype,
                  device: torch.device, px_tile: int, spill_dir: str | None, attention: str = "global",
-                 progress=None, should_stop=None, scaling_factor: float | None = None) -> torch.Tensor:
+                 progress=None, should_stop=None, scaling_factor: float | None = None, vae=None) -> torch.Tensor:
     """Encode an image source (``read(y0, y1, x0, x1)`` in [-1, 1]) to a *scaled* latent, float32 CPU.
 
-    ``ckpt`` may be None with TAESD, given the model's ``scaling_factor``."""
+    ``vae`` and ``scaling_factor`` as for :func:`decode_latent`."""
     scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
     if vae_mode == "taesd":
         from ..models.taesd import load_taesd_encoder
@@ -290,8 +303,8 @@ def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, 
     else:
         from ..vae.tiled_vae import encode_tiled
 
-        with vae_half(ckpt, "encoder", dtype, device) as vae:
-            z = encode_tiled(vae, source, tile=px_tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
+        with _vae_or_half(vae, ckpt, "encoder", dtype, device) as v:
+            z = encode_tiled(v, source, tile=px_tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
                              progress=progress, should_stop=should_stop)
     return (z.float() * scale).cpu()
 

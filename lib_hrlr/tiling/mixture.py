@@ -92,6 +92,16 @@ def build_jobs(
     return tuple(jobs)
 
 
+def weight_sum(jobs: Sequence[TileJob], height: int, width: int) -> torch.Tensor:
+    """Σ of the jobs' weights over the canvas (float64), the blend's denominator."""
+    total = torch.zeros(height, width, dtype=torch.float64)
+    for job in jobs:
+        total[job.box.slices()] += job.weight.to(torch.float64)
+    if not bool((total > 0).all()):
+        raise RuntimeError("tile plan leaves part of the canvas without weight")
+    return total
+
+
 class MixtureDenoiser:
     """``MixtureDenoiser(...)(x, sigma) -> denoised`` for a float32 ``(1, C, H, W)`` canvas.
 
@@ -142,12 +152,7 @@ class MixtureDenoiser:
 
     # -- fixed per canvas -----------------------------------------------------------------------
     def _weight_sum(self) -> torch.Tensor:
-        total = torch.zeros(self.plan.height, self.plan.width, dtype=torch.float64)
-        for job in self.jobs:
-            total[job.box.slices()] += job.weight.to(torch.float64)
-        if not bool((total > 0).all()):
-            raise RuntimeError("tile plan leaves part of the canvas without weight")
-        return total
+        return weight_sum(self.jobs, self.plan.height, self.plan.width)
 
     def _groups(self) -> list[list[int]]:
         """Job indices grouped by crop size (groups in order of first appearance, job order

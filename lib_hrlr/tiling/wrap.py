@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..errors import Interrupted
-from .mixture import build_jobs
+from .mixture import build_jobs, weight_sum
 from .plan import TilePlan
 
 
@@ -52,10 +52,7 @@ class TiledDenoiser:
         self.batch = max(1, int(batch))
         self.should_stop = should_stop
         self.progress = progress
-        total = torch.zeros(plan.height, plan.width, dtype=torch.float64)
-        for job in self.jobs:
-            total[job.box.slices()] += job.weight.to(torch.float64)
-        self.weight_sum = total
+        self.weight_sum = weight_sum(self.jobs, plan.height, plan.width)
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:

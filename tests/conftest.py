@@ -17,6 +17,17 @@ def shared_weights() -> pathlib.Path:
     return SHARED_WEIGHTS
 
 
+def read_source(src):
+    """The tensor a checkpoint TensorSource points at, read from its file."""
+    from lib_hrlr.weights.safetensors_file import read_tensor
+
+    fd = os.open(src.path, os.O_RDONLY)
+    try:
+        return read_tensor(fd, src.info)
+    finally:
+        os.close(fd)
+
+
 def psnr(a, b, peak: float = 1.0) -> float:
     import torch
 

@@ -20,16 +20,11 @@ from lib_hrlr.weights.checkpoint import open_checkpoint
 from lib_hrlr.weights.ckpt_file import read_ckpt
 from lib_hrlr.weights.random_checkpoint import tensor_plan, write_random_checkpoint, write_random_diffusers_folder
 from lib_hrlr.weights.safetensors_file import build_header, read_header, read_tensor
+from tests.conftest import read_source
 
 SUPPORTED = "supports Stable Diffusion 1.x checkpoints"
 
 
-def read_source(src) -> torch.Tensor:
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-        return read_tensor(fd, src.info)
-    finally:
-        os.close(fd)
 
 
 def assert_same_components(a, b):

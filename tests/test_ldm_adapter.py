@@ -1,8 +1,6 @@
 """The backend over an already-loaded LDM-style model (what the webui glue hands the engine)
 gives the same image as streaming the same weights from the checkpoint file."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -17,21 +15,13 @@ from lib_hrlr.text.clip_text import ClipTextEncoder
 from lib_hrlr.text.prompts import encode_prompts
 from lib_hrlr.vae.tiled_vae import decode_tiled
 from lib_hrlr.weights.checkpoint import open_checkpoint
-from lib_hrlr.weights.safetensors_file import read_tensor
 from lib_hrlr.weights.random_checkpoint import cached_random_checkpoint
-
-
-def _read(src) -> torch.Tensor:
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-        return read_tensor(fd, src.info)
-    finally:
-        os.close(fd)
+from tests.conftest import read_source
 
 
 def _load(module: torch.nn.Module, sources) -> torch.nn.Module:
     own = module.state_dict()
-    module.load_state_dict({k: _read(sources[k]).float().reshape(own[k].shape) for k in own})
+    module.load_state_dict({k: read_source(sources[k]).float().reshape(own[k].shape) for k in own})
     return module.eval()
 
 

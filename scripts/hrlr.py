@@ -8,6 +8,7 @@ for a run are put back when the run ends.
 """
 
 import base64
+import functools
 import gc
 import html
 import inspect
@@ -17,7 +18,7 @@ import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Optional
 
 import gradio as gr
 import torch
@@ -33,7 +34,8 @@ from lib_hrlr.image.preview import latent_preview
 from lib_hrlr.memory.meter import MemoryMeter, reset_peak_rss, rss_mb
 from lib_hrlr.pipeline.generate import generate
 from lib_hrlr.pipeline.params import GenerationParams
-from lib_hrlr.runtime import trim_allocator, tune_allocator
+from lib_hrlr.pipeline.components import TAESD_FILES
+from lib_hrlr.runtime import DTYPE_NAMES, trim_allocator, tune_allocator
 from lib_hrlr.sampling.samplers import SamplerSpec
 from lib_hrlr.sampling.schedule import sd_schedule
 from lib_hrlr.tiling.plan import plan_tiles
@@ -121,14 +123,10 @@ def webui_sampler(name: str, scheduler: str, seed: int) -> SamplerSpec:
 
 
 # ----------------------------------------------------------------------------- model handling
-_config_cache: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=1)
 def model_config(filename: str):
-    if filename not in _config_cache:
-        _config_cache.clear()
-        _config_cache[filename] = open_checkpoint(filename).config
-    return _config_cache[filename]
+    """The architecture of the webui's checkpoint, read from the file's tensor table."""
+    return open_checkpoint(filename).config
 
 
 def release_webui_model():
@@ -292,7 +290,7 @@ def run_generation(req: dict, *, on_event=None) -> dict:
                 backend = LdmBackend(model, cfg, info.name_for_extra, info.shorthash or info.hash or "",
                                      text_fn=_text_fn(model, stripped, prompts),
                                      wrap_call=devices.autocast)
-                dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(devices.dtype_unet, "fp32")
+                dtype = DTYPE_NAMES.get(devices.dtype_unet, "fp32")
                 run_params = replace(params, dtype=dtype, device=str(devices.device.type),
                                      vae_device=str(devices.device.type))
                 extra.update({k: v for k, v in net_params.items() if isinstance(v, (str, int, float))})
@@ -303,7 +301,9 @@ def run_generation(req: dict, *, on_event=None) -> dict:
         if released is not None and req.get("restore_model", True):
             restore_webui_model(released)
     report = result.report
-    peak = max(report.get("run_peak_rss_mb") or 0, report.get("peak_rss_mb") or 0)
+    # the meter's own maximum over the run: VmHWM is the process's since its last reset, which
+    # is the webui's start-up peak where the kernel refused the reset
+    peak = report["run_peak_rss_mb"]
     report["webui"] = {
         "rss_before_mb": round(rss_before, 1),
         "rss_idle_mb": round(rss_idle, 1),
@@ -334,7 +334,7 @@ def _text_fn(model, stripped: list[str], original: list[str]):
 
 def _webui_taesd_dir() -> Optional[str]:
     d = os.path.join(shared.models_path, "VAE-approx")
-    ok = all(os.path.isfile(os.path.join(d, f)) for f in ("taesd_encoder.safetensors", "taesd_decoder.safetensors"))
+    ok = all(os.path.isfile(os.path.join(d, f)) for f in TAESD_FILES)
     return d if ok else None
 
 

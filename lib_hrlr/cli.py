@@ -49,8 +49,6 @@ def _add_generate(sub) -> None:
     g.add_argument("--out", default="hrlr.png")
     g.add_argument("--report", default=None, help="write the memory/time report as JSON here")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--time-unet-eval", action="store_true",
-                   help="also time one UNet evaluation with its weights in memory (bench uses it)")
 
 
 def _add_bench(sub) -> None:
@@ -91,7 +89,6 @@ def params_from_args(a) -> "GenerationParams":
         tile_batch=a.tile_batch, vae=a.vae, vae_tile=a.vae_tile, vae_attention=a.vae_attention,
         taesd_dir=a.taesd_dir, clip_skip=a.clip_skip, dtype=a.dtype, device=a.device,
         vae_device=a.vae_device, budget_mb=a.budget_mb, spill_dir=a.spill_dir, out=a.out, report=a.report,
-        time_unet_eval=a.time_unet_eval,
     )
 
 

@@ -151,5 +151,7 @@ def test_bench_tiny_prints_the_figures(tmp_path):
     for k in ("peak_rss_mb", "wall_s", "unet_evals", "unet_eval_s", "overhead_ratio", "modules"):
         assert k in d
     assert d["unet_evals"] == 4 + d["tiles"] * 2  # 2 base steps x 2 + 1 tiled step x tiles x 2
+    # the per-sample time comes from the first call of each stage: 2 base rows + one tile batch
+    assert d["unet_eval_timed_samples"] == 2 + 2 * d["tile_batch"] and d["unet_eval_s"] > 0
     assert 100 < d["peak_rss_mb"] < 800
     assert all({"name", "peak_rss_mb", "seconds"} <= set(m) for m in d["modules"])

@@ -204,30 +204,51 @@ CHILD = textwrap.dedent("""
     import torch
     from lib_hrlr.runtime import tune_allocator
     tune_allocator()
-    from lib_hrlr.memory.meter import hwm_mb
-    from lib_hrlr.models.taesd import TAESDDecoder
-    from lib_hrlr.vae.tiled_taesd import decode_tiled
-    size, tile = int(sys.argv[2]), int(sys.argv[3])
+    from lib_hrlr.memory.meter import hwm_mb, rss_mb
+    from lib_hrlr.models.taesd import TAESDDecoder, TAESDEncoder
+    from lib_hrlr.pipeline.components import TAESD_ENCODE_TILE
+    from lib_hrlr.vae.tiled_taesd import decode_tiled, encode_tiled
+    kind, size, tile = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.manual_seed(0)
-    dec = TAESDDecoder().eval().requires_grad_(False)  # random weights: same memory and speed
-    z = torch.randn(1, 4, size // 8, size // 8)
-    t = time.perf_counter()
-    out = decode_tiled(dec, z, tile=tile, output="uint8")
-    assert (out.height, out.width) == (size, size)
-    print(json.dumps({"size": size, "vmhwm_mb": hwm_mb(), "seconds": time.perf_counter() - t}))
+    if kind == "decode":
+        dec = TAESDDecoder().eval().requires_grad_(False)  # random weights: same memory and speed
+        z = torch.randn(1, 4, size // 8, size // 8)
+        before = rss_mb()
+        t = time.perf_counter()
+        out = decode_tiled(dec, z, tile=tile, output="uint8")
+        assert (out.height, out.width) == (size, size)
+    else:
+        class Noise:  # an image source that makes its pixels on demand, like the upscaler
+            height = width = size
+            def read(self, y0, y1, x0, x1):
+                g = torch.Generator().manual_seed(y0 * 100003 + x0)
+                return torch.rand(3, y1 - y0, x1 - x0, generator=g) * 2 - 1
+        enc = TAESDEncoder().eval().requires_grad_(False)
+        before = rss_mb()
+        t = time.perf_counter()
+        z = encode_tiled(enc, Noise(), tile=TAESD_ENCODE_TILE)
+        assert z.shape == (1, 4, size // 8, size // 8)
+    print(json.dumps({"size": size, "vmhwm_mb": hwm_mb(), "added_mb": hwm_mb() - before,
+                      "seconds": time.perf_counter() - t}))
 """)
 
 
 @pytest.mark.slow
-def test_tiled_decode_memory_does_not_grow_with_size(tmp_path):
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_tiled_memory_does_not_grow_with_size(tmp_path, kind):
+    from lib_hrlr.config.architectures import SD15
+    from lib_hrlr.memory.budget import MB, vae_stage_bytes
+
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     res = {}
     for size in (512, 2048):  # 16x the pixels; 4096 takes ~10 min on 2 cores (bench covers it)
-        proc = subprocess.run([sys.executable, str(script), str(ROOT), str(size), str(TILE)],
+        proc = subprocess.run([sys.executable, str(script), str(ROOT), kind, str(size), str(TILE)],
                               capture_output=True, text=True, check=True)
         res[size] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(json.dumps(res))
+    estimate = vae_stage_bytes(SD15, TILE, 4, True, kind) / MB
+    print(json.dumps({"kind": kind, "budget_estimate_mb": estimate, **res}))
     small, large = res[512]["vmhwm_mb"], res[2048]["vmhwm_mb"]
     assert large <= 1.10 * small, res
     assert large < 800, res
+    assert res[2048]["added_mb"] <= estimate, (res, estimate)

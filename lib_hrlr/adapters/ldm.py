@@ -91,15 +91,6 @@ class LdmBackend:
         with torch.no_grad(), labels:
             yield eps
 
-    def time_one_eval(self, tile: int, cond: torch.Tensor) -> float:
-        import time
-
-        with self.unet() as eps:
-            x = torch.randn(1, self.config.unet.in_channels, tile, tile, generator=torch.Generator().manual_seed(0))
-            t0 = time.perf_counter()
-            eps(x.to(self.settings.dtype), torch.full((1,), 500.0), cond[:, :77].to(self.settings.dtype))
-            return time.perf_counter() - t0
-
     def _vae_kw(self, progress, should_stop) -> dict:
         """Arguments of the shared VAE stage functions: the webui's autoencoder in its own dtype
         and device (TAESD in the run's VAE dtype/device)."""

@@ -6,8 +6,9 @@ are seeded random values in the exact architecture (memory and speed do not depe
 their values), written once to ``$HRLR_CACHE`` (default ``~/.cache/hrlr``).
 
 ``overhead_ratio`` = wall time ÷ (UNet evaluations × one evaluation's compute time), where
-one evaluation is one sample at the native tile size, timed inside the same run with its
-weights in memory (loading excluded): 1.0 would mean the run did nothing but UNet math.
+one evaluation is one sample's share of the first UNet call of each stage, whose loads are
+synchronous and excluded (:mod:`lib_hrlr.pipeline.timing`): 1.0 would mean the run did
+nothing but UNet math.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def child_command(a, ckpt: str, out_png: str, report: str) -> list[str]:
         "--width", str(a.width), "--height", str(a.height),
         "--steps", str(a.steps), "--strength", str(a.strength), "--sampler", a.sampler,
         "--seed", "1", "--vae", a.vae, "--dtype", a.dtype, "--budget-mb", str(a.budget_mb),
-        "--out", out_png, "--report", report, "--quiet", "--time-unet-eval",
+        "--out", out_png, "--report", report, "--quiet",
     ]
     if a.tile_batch:
         cmd += ["--tile-batch", str(a.tile_batch)]
@@ -99,6 +100,7 @@ def run_bench(a) -> int:
         "wall_s": round(wall, 2),
         "unet_evals": evals,
         "unet_eval_s": round(eval_s, 4),
+        "unet_eval_timed_samples": st.get("unet_eval_timed_samples"),
         "overhead_ratio": round(ratio, 4),
         "modules": modules,
         "plan": rep["plan"],

@@ -95,8 +95,9 @@ def text_stage_bytes(model: ModelConfig, dtype_bytes: int) -> int:
 def vae_stage_bytes(model: ModelConfig, tile: int, dtype_bytes: int, taesd: bool, kind: str) -> int:
     """Weights of one VAE half plus the working set of one tile step."""
     if taesd:
-        # measured (real TAESD, fp32): decode 32 latent px tiles +57 MB; encode 256 px tiles +229 MB
-        return int((60 if kind == "decode" else 240) * MB * dtype_bytes / 4)
+        # measured at 2048² (fp32, tests/test_taesd.py): decode 32 latent px tiles +78 MB; encode,
+        # one resolution at a time in 256 px tiles, +93 MB
+        return int((90 if kind == "decode" else 105) * MB * dtype_bytes / 4)
     from ..vae.tiled_vae import estimate_tile_bytes
     import torch
 

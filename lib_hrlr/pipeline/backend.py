@@ -58,8 +58,6 @@ class Backend(Protocol):
 
     def unet_total_mb(self, dtype: torch.dtype) -> float: ...
 
-    def time_one_eval(self, tile: int, cond: torch.Tensor) -> float: ...
-
 
 class CheckpointBackend:
     """Every component streamed from ``ckpt`` and freed when its stage ends."""
@@ -90,10 +88,6 @@ class CheckpointBackend:
     def unet(self):
         s = self.settings
         return components.unet_streamer(self.ckpt, s.dtype, s.device, s.cache_bytes, self.meter)
-
-    def time_one_eval(self, tile: int, cond: torch.Tensor) -> float:
-        s = self.settings
-        return components.time_one_eval(self.ckpt, tile, cond, s.dtype, s.device)
 
     def _vae_kw(self, should_stop) -> dict:
         s = self.settings

@@ -31,6 +31,7 @@ from ..tiling.mixture import MixtureDenoiser
 from ..tiling.plan import plan_tiles
 from .params import GenerationParams, base_size, validate, with_model_defaults
 from .progress import Progress
+from .timing import FirstCallTimer, per_sample_seconds
 from . import components
 from .backend import Backend, CheckpointBackend, RunSettings
 
@@ -174,8 +175,9 @@ def generate(
 
         # 2. base image at native size ---------------------------------------------------
         bw, bh = base_size(params.width, params.height, cfg.native_size)
+        timed: dict = {}
         with meter.stage("base_unet"), backend.unet() as unet:
-            den = EpsDenoiser(unet, schedule, cond, uncond, params.cfg, dtype=dtype)
+            den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
             sigmas = full_sigmas(base_steps)
             prog.stage("base", len(sigmas) - 1)
             x = noise((1, cfg.unet.in_channels, bh // f, bw // f)) * sigmas[0]
@@ -202,11 +204,8 @@ def generate(
         # 4. tiled region denoising over the full canvas ----------------------------------
         sigmas = sched.img2img_tail(full_sigmas(params.steps), params.steps, params.strength)
         with meter.stage("tiled_unet"):
-            if params.time_unet_eval:
-                with meter.stage("unet_eval_timing"):
-                    stats["unet_eval_s"] = backend.time_one_eval(params.tile, cond)
             with backend.unet() as unet:
-                den = EpsDenoiser(unet, schedule, cond, uncond, params.cfg, dtype=dtype)
+                den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
                 steps_total = len(sigmas) - 1
                 step = {"i": 0}
                 mix = MixtureDenoiser(
@@ -241,6 +240,8 @@ def generate(
             finally:
                 arr.close()
         stats["unet_evals"] = stats["base_unet_evals"] + stats["tiled_unet_evals"]
+        stats["unet_eval_s"] = per_sample_seconds(timed)
+        stats["unet_eval_timed_samples"] = timed.get("samples", 0)
         stats["wall_s"] = time.perf_counter() - t_start
         stats["dtype"] = DTYPE_NAMES[dtype]
         stats["device"] = str(device)

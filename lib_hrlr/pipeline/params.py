@@ -48,7 +48,6 @@ class GenerationParams:
     spill_dir: str | None = None
     out: str = "hrlr.png"
     report: str | None = None
-    time_unet_eval: bool = False  # time one UNet evaluation in the run (for bench's overhead_ratio)
 
     def with_seed(self) -> "GenerationParams":
         """A copy with a concrete seed (a random one for -1, as the webui does)."""

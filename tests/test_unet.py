@@ -5,7 +5,7 @@ import torch
 
 from lib_hrlr.config.architectures import SD15, TINY, UNetConfig
 from lib_hrlr.errors import InvalidInput
-from lib_hrlr.models.unet import MIN_CHUNK, UNet, chunk_spans, diffusers_key_map
+from lib_hrlr.models.unet import MIN_CHUNK, GroupedConv2d, UNet, chunk_spans, diffusers_key_map
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -70,7 +70,7 @@ def test_matches_diffusers_with_and_without_chunking(cfg):
         with torch.no_grad():
             expected = ref(x, t, ctx).sample
             plain = ours(x, t, ctx)
-            ours.set_chunking(ff_tokens=48, attn_queries=40)
+            ours.set_chunking(ff_tokens=48, attn_queries=40, conv_weights=1)  # convs in groups of 32 channels
             chunked = ours(x, t, ctx)
             ours.set_chunking(ff_tokens=1, attn_queries=1)  # raised to MIN_CHUNK
             smallest = ours(x, t, ctx)
@@ -83,6 +83,22 @@ def test_matches_diffusers_with_and_without_chunking(cfg):
         assert (smallest - plain).abs().max().item() <= 1e-6
         # the in-place arithmetic never touches the caller's tensors
         assert torch.equal(x, x0) and torch.equal(ctx, ctx0)
+
+
+def test_grouped_convolution_equals_the_whole_one_and_splits_by_weight_count(monkeypatch):
+    torch.manual_seed(0)
+    conv = GroupedConv2d(96, 100, 3, stride=2, padding=1).eval()
+    x = torch.randn(2, 96, 9, 11)
+    with torch.no_grad():
+        whole = conv(x)
+        seen = []
+        real = torch.nn.functional.conv2d
+        monkeypatch.setattr(torch.nn.functional, "conv2d", lambda inp, w, *a: seen.append(w.shape[0]) or real(inp, w, *a))
+        conv.weight_limit = 40 * 96 * 9  # at most 40 output channels per call: 34 + 33 + 33
+        grouped = conv(x)
+    assert seen == [34, 33, 33]
+    assert grouped.shape == whole.shape and (grouped - whole).abs().max().item() <= 1e-5
+    assert conv.state_dict().keys() == {"weight", "bias"}  # checkpoints load as into nn.Conv2d
 
 
 def test_chunk_spans_are_balanced_and_bounded():

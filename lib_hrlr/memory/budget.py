@@ -21,19 +21,18 @@ from ..errors import BudgetError
 
 MB = 1024 * 1024
 
-# Calibration (SD 1.5 UNet, fp32, 64x64 latent, weights streamed with cache 0, measured as
-# VmHWM above the RSS before the call; scripts in tests/test_budget.py re-measure it):
-#   2 samples: +345 MB, 4 samples: +462 MB  ->  about 58 MB per sample on top of ~228 MB.
-# Per sample that is ~11 feature maps of model_channels x tile^2 floats; the fixed part is
-# two of the largest weight tensors (the one in use plus oneDNN's reordered copy, or the
-# prefetched next one) plus ~50 MB of smaller transients.  The streaming arena adds up to
-# half a largest tensor on later calls.
+# Calibration (SD 1.5 UNet, fp32, 64x64 latent, weights streamed with cache 0 and the model's
+# STREAM_* chunking, measured as VmHWM above the RSS before two calls; tests/test_budget.py
+# re-measures it):  2 samples +340 MB, 4 samples +446 MB, 6 samples +577 MB.
+# Per sample that is ~10-12 feature maps of model_channels x tile^2 floats (the skip
+# connections and the 64x64 level's attention and feed-forward).  The fixed part is the
+# streaming arena, which holds the largest weight tensor and the next one (~1.1 largest),
+# the convolution's re-laid-out copy of one output-channel group (STREAM_CONV_WEIGHTS), and
+# the transients below.
 UNET_SAMPLE_MAPS = 12.0
-# ~50 MB of transients measured around a bare UNet call, plus ~20 MB seen in whole runs
-# (prompt conditionings, sampler state, allocator fragmentation over many calls): the
-# 2048² SD 1.5 bench measured 489 MB above the baseline in the UNet stages with a 46 MB
-# cache and a 10 MB canvas, against 485 + 10 + 46 estimated here
-UNET_FIXED_MB = 70.0
+# ~50 MB of transients measured around a bare UNet call, plus ~30 MB seen in whole runs
+# (prompt conditionings, sampler state, allocator fragmentation over many calls)
+UNET_FIXED_MB = 80.0
 # whole-canvas float32 latents alive during the tiled pass: x, noise, guide, the sampler's
 # previous denoised, the blend's float64 sum (2) and weight sum, the result...
 CANVAS_COPIES = 10
@@ -79,8 +78,11 @@ def largest_unet_tensor(model: ModelConfig) -> int:
 
 def unet_call_bytes(model: ModelConfig, tile: int, samples: int, dtype_bytes: int) -> int:
     """Peak memory of one streamed UNet call on ``samples`` tiles of ``tile``x``tile`` latent px."""
+    from ..models.unet import STREAM_CONV_WEIGHTS
+
     per_sample = UNET_SAMPLE_MAPS * model.unet.model_channels * tile * tile * dtype_bytes
-    fixed = 2.5 * largest_unet_tensor(model) * dtype_bytes + UNET_FIXED_MB * MB
+    largest = largest_unet_tensor(model)
+    fixed = (1.1 * largest + min(largest, STREAM_CONV_WEIGHTS)) * dtype_bytes + UNET_FIXED_MB * MB
     return int(fixed + per_sample * samples)
 
 

@@ -142,19 +142,17 @@ class _DeviceEncoder:
 
 # ------------------------------------------------------------------------------------ UNet
 UNET_MODULE_LABELS = ("input_blocks", "middle_block", "output_blocks")
-FF_CHUNK_TOKENS = 4096
-ATTN_CHUNK_QUERIES = 4096
 
 
 @contextlib.contextmanager
 def unet_streamer(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, cache_bytes: int,
                   meter: MemoryMeter | None = None, prefetch: bool = True):
     """The UNet as an eps callable whose weights stream from the checkpoint; freed on exit."""
-    from ..models.unet import UNet
+    from ..models.unet import STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS, STREAM_FF_TOKENS, UNet
 
     cfg: ModelConfig = ckpt.config
     unet = _meta(lambda: UNet(cfg.unet))
-    unet.set_chunking(FF_CHUNK_TOKENS, ATTN_CHUNK_QUERIES)
+    unet.set_chunking(STREAM_FF_TOKENS, STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS)
     on_event, flush = _streamer_events(meter, "unet")
     streamer = WeightStreamer(unet, ckpt.component("unet"), dtype=dtype, device=device, cache_bytes=cache_bytes,
                               prefetch=prefetch, on_event=on_event, unit_types=_unet_unit_types())

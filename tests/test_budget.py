@@ -52,7 +52,7 @@ def test_the_estimate_scales_with_samples_and_tile():
     a = unet_call_bytes(SD15, 64, 2, 4)
     assert unet_call_bytes(SD15, 64, 4, 4) > a
     assert unet_call_bytes(SD15, 32, 2, 4) < a
-    assert unet_call_bytes(TINY, 16, 2, 4) < a / 4  # the fixed ~80 MB of transients dominates a tiny model
+    assert unet_call_bytes(TINY, 16, 2, 4) < a / 3  # the fixed ~120 MB of transients dominates a tiny model
 
 
 MEASURE = r"""

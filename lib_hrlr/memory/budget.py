@@ -30,9 +30,11 @@ MB = 1024 * 1024
 # the convolution's re-laid-out copy of one output-channel group (STREAM_CONV_WEIGHTS), and
 # the transients below.
 UNET_SAMPLE_MAPS = 12.0
-# ~50 MB of transients measured around a bare UNet call, plus ~30 MB seen in whole runs
-# (prompt conditionings, sampler state, allocator fragmentation over many calls)
-UNET_FIXED_MB = 80.0
+# ~50 MB of transients measured around a bare UNet call, plus ~70 MB seen in whole runs
+# (prompt conditionings, the blend's batches, allocator fragmentation over many calls): the
+# 2048² SD 1.5 bench with 2 tiles per call peaked 570 MB above its baseline against 532 MB
+# (call, canvas and a 46 MB cache) estimated with 80 here
+UNET_FIXED_MB = 120.0
 # whole-canvas float32 latents alive during the tiled pass: x, noise, guide, the sampler's
 # previous denoised, the blend's float64 sum (2) and weight sum, the result...
 CANVAS_COPIES = 10

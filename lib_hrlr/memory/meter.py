@@ -1,7 +1,7 @@
 """Memory meter: who used how much memory, and for how long.
 
 The meter samples the process's resident set (VmRSS) and its kernel-kept peak (VmHWM)
-from ``/proc/self/status`` on a background thread every couple of milliseconds, and on
+from ``/proc/self/status`` on a background thread every 5 ms (about 1 % of one core), and on
 CUDA ``torch.cuda.max_memory_allocated``.  Code marks what it is doing with nested
 labels (``with meter.stage("tiled_unet"):`` / ``with meter.module("unet.output_blocks"):``);
 every sample is credited to all open labels, and when VmHWM rises the new peak is
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,38 @@ def read_status_kb(keys: tuple[str, ...] = ("VmRSS", "VmHWM"), pid: int | str = 
     except OSError:
         pass
     return out
+
+
+class _StatusReader:
+    """VmRSS and VmHWM of this process in kB, read through one open descriptor.
+
+    The sampler reads them hundreds of times a second: one ``pread`` and two ``find`` calls
+    cost ~15 µs, against ~70 µs for opening and parsing the file line by line."""
+
+    def __init__(self):
+        try:
+            self.fd = os.open("/proc/self/status", os.O_RDONLY)
+        except OSError:
+            self.fd = -1
+
+    def read(self) -> dict[str, int]:
+        if self.fd < 0:
+            return {}
+        try:
+            text = os.pread(self.fd, 16384, 0)
+        except OSError:
+            return {}
+        out = {}
+        for key in (b"VmRSS:", b"VmHWM:"):
+            i = text.find(key)
+            if i >= 0:
+                out[key[:-1].decode()] = int(text[i + len(key):text.index(b"kB", i)])
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def reset_peak_rss() -> bool:
@@ -128,7 +161,7 @@ class MemoryReport:
 class MemoryMeter:
     """Samples RSS (and CUDA peak allocation) and attributes peaks to nested labels."""
 
-    def __init__(self, interval_s: float = 0.002, cuda_device=None):
+    def __init__(self, interval_s: float = 0.005, cuda_device=None):
         self.interval_s = interval_s
         self.cuda_device = cuda_device
         self._entries: dict[str, Entry] = {}
@@ -141,6 +174,7 @@ class MemoryMeter:
         self._baseline = 0.0
         self._wall = 0.0
         self._run_peak = 0.0
+        self._status: _StatusReader | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "MemoryMeter":
@@ -150,6 +184,7 @@ class MemoryMeter:
         self._run_peak = self._baseline
         self._t0 = time.perf_counter()
         self._stop.clear()
+        self._status = _StatusReader()
         self._thread = threading.Thread(target=self._run, name="hrlr-memory-meter", daemon=True)
         self._thread.start()
         return self
@@ -161,6 +196,8 @@ class MemoryMeter:
             self._thread = None
             self._sample()
             self._wall = time.perf_counter() - self._t0
+            self._status.close()
+            self._status = None
 
     def __enter__(self) -> "MemoryMeter":
         return self.start()
@@ -174,7 +211,8 @@ class MemoryMeter:
             self._sample()
 
     def _sample(self) -> None:
-        st = read_status_kb()
+        reader = self._status
+        st = reader.read() if reader is not None else read_status_kb()
         if not st:
             return
         rss = st.get("VmRSS", 0) / 1024

@@ -53,7 +53,7 @@ def tiny():
 def test_resident_ldm_model_matches_streamed_checkpoint(tiny, tmp_path):
     path, ckpt = tiny
     common = dict(prompt="a lighthouse", negative="fog", width=256, height=192, steps=2, seed=5,
-                  sampler="euler", budget_mb=8000)
+                  sampler="euler", budget_mb=8000, dtype="fp32")
     streamed = generate(GenerationParams(model=path, out=str(tmp_path / "a.png"), **common))
     model = LdmShaped(ckpt)
     backend = LdmBackend(model, ckpt.config, "tiny-resident", "0000000000")
@@ -64,6 +64,20 @@ def test_resident_ldm_model_matches_streamed_checkpoint(tiny, tmp_path):
     assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
     assert "Model: tiny-resident" in resident.infotext
     assert backend.resident_mb > 0 and resident.stats["unet_evals"] == streamed.stats["unet_evals"]
+
+
+def test_resident_model_computes_in_its_own_dtype_whatever_the_run_asks(tiny, tmp_path):
+    """A resident fp32 model asked for a bf16 run (what ``auto`` picks on AVX512-BF16 CPUs)
+    gets its inputs in fp32: the image equals the fp32 run's."""
+    path, ckpt = tiny
+    common = dict(prompt="a lighthouse", negative="fog", width=128, height=128, steps=2, seed=5,
+                  sampler="euler", budget_mb=8000)
+    backend = LdmBackend(LdmShaped(ckpt), ckpt.config, "tiny-resident", "0000000000")
+    a = generate(GenerationParams(out=str(tmp_path / "a.png"), dtype="fp32", **common), backend=backend)
+    b = generate(GenerationParams(out=str(tmp_path / "b.png"), dtype="bf16", **common), backend=backend)
+    ia = np.asarray(Image.open(a.path), dtype=np.int16)
+    ib = np.asarray(Image.open(b.path), dtype=np.int16)
+    assert np.abs(ia - ib).max() == 0
 
 
 def test_vae_view_decodes_an_ldm_autoencoder_like_the_engine_model(tiny):

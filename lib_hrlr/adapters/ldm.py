@@ -44,8 +44,9 @@ class LdmBackend:
     """UNet, VAE and text encoder of ``model``, all resident already (nothing is loaded or freed).
 
     ``text_fn(prompts) -> (B, T, C)``: defaults to ``model.get_learned_conditioning``; rows
-    share T (the webui pads every prompt of a batch to the longest).  ``eps_dtype``: what the
-    UNet's inputs are cast to (the model's own dtype by default).
+    share T (the webui pads every prompt of a batch to the longest).  ``model_dtype`` is the
+    UNet's own parameter dtype: the run computes in it, whatever dtype was asked for (a resident
+    model computes in the precision it was loaded in).
     """
 
     def __init__(self, model, config: ModelConfig, name: str, hash: str,
@@ -58,6 +59,9 @@ class LdmBackend:
         self.text_fn = text_fn or model.get_learned_conditioning
         self.wrap_call = wrap_call or contextlib.nullcontext
         self.resident_mb = module_mb(model)
+        unet = model.model.diffusion_model if hasattr(model, "model") else None
+        floats = (p.dtype for p in (unet.parameters() if unet is not None else ()) if p.is_floating_point())
+        self.model_dtype: torch.dtype | None = next(floats, None)
         self.settings: RunSettings | None = None
         self.meter: MemoryMeter | None = None
 

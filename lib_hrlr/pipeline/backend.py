@@ -7,6 +7,8 @@ numbers (dtype, device, weight cache) and offers:
 
 * ``config`` / ``name`` / ``hash`` — the architecture and how the infotext names the model;
 * ``resident_mb`` — weights already in memory before the run (0 when streamed);
+* ``model_dtype`` — the dtype a resident UNet computes in (the run follows it), or None
+  when the weights are materialised in whatever dtype the run asks for;
 * ``encode_text(prompts, clip_skip)`` — one float32 ``(1, 77k, ctx)`` conditioning per prompt;
 * ``unet()`` — a context manager yielding ``eps(x, t, context)``;
 * ``decode(latent, ...)`` / ``encode(source, ...)`` — tiled VAE passes on *scaled* latents.
@@ -45,6 +47,7 @@ class Backend(Protocol):
     name: str
     hash: str
     resident_mb: float
+    model_dtype: torch.dtype | None
 
     def prepare(self, settings: RunSettings, meter: MemoryMeter | None) -> None: ...
 
@@ -63,6 +66,7 @@ class CheckpointBackend:
     """Every component streamed from ``ckpt`` and freed when its stage ends."""
 
     resident_mb = 0.0
+    model_dtype = None
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt

@@ -114,14 +114,14 @@ def generate(
     try:
         device = resolve_device(params.device)
         dtype = resolve_dtype(params.dtype, device)
+        with meter.stage("load"):
+            if backend is None:
+                backend = CheckpointBackend(components.open_model(params.model))
+        dtype = backend.model_dtype or dtype  # a resident model computes in its own dtype
         vae_device = resolve_device(params.vae_device)
         vae_dtype = dtype if vae_device.type == device.type else resolve_dtype(params.dtype, vae_device)
         if device.type == "cuda":
             meter.cuda_device = device
-
-        with meter.stage("load"):
-            if backend is None:
-                backend = CheckpointBackend(components.open_model(params.model))
         cfg: ModelConfig = backend.config
         params = with_model_defaults(params, cfg)
         validate(params, cfg)

@@ -63,25 +63,38 @@ from lib_hrlr.weights.checkpoint import open_checkpoint
 from lib_hrlr.pipeline.components import unet_streamer
 ck = open_checkpoint(sys.argv[1])
 samples = int(sys.argv[2])
-x = torch.randn(samples, 4, 64, 64); t = torch.full((samples,), 500.0); c = torch.randn(samples, 77, 768)
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3]]
+x = torch.randn(samples, 4, 64, 64, dtype=dtype); t = torch.full((samples,), 500.0)
+c = torch.randn(samples, 77, 768, dtype=dtype)
 before = read_status_kb()["VmRSS"]
-with unet_streamer(ck, torch.float32, torch.device("cpu"), cache_bytes=0) as unet:
+with unet_streamer(ck, dtype, torch.device("cpu"), cache_bytes=0) as unet:
     for _ in range(2):  # the second call runs with the streaming arena in place
         unet(x, t, c)
 print(json.dumps({"added_mb": (read_status_kb()["VmHWM"] - before) / 1024}))
 """
 
 
+def test_bf16_plans_more_tiles_per_call_than_fp32():
+    fp32, bf16 = plan(800), plan(800, dtype_bytes=2)
+    assert (fp32.tile_batch, bf16.tile_batch) == (2, 5)
+    assert bf16.peak_mb <= 800
+
+
+# (dtype, samples): one tile with guidance, the two tiles an 800 MB fp32 plan runs, and the
+# five of an 800 MB bf16 plan
 @pytest.mark.slow
-@pytest.mark.parametrize("samples", [2, 4])  # one tile with guidance, and the two tiles an 800 MB plan runs
-def test_unet_call_estimate_covers_the_measured_peak_of_sd15(samples):
+@pytest.mark.parametrize("dtype,samples", [("fp32", 2), ("fp32", 4), ("bf16", 10)])
+def test_unet_call_estimate_covers_the_measured_peak_of_sd15(dtype, samples):
+    from lib_hrlr.runtime import cpu_has_fast_bf16
     from lib_hrlr.weights.random_checkpoint import cached_random_checkpoint
 
+    if dtype == "bf16" and not cpu_has_fast_bf16():
+        pytest.skip("bf16 UNet calls take minutes on a CPU without AVX512-BF16/AMX")
     ckpt = str(cached_random_checkpoint("sd15"))
-    out = subprocess.run([sys.executable, "-c", MEASURE, ckpt, str(samples)], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", MEASURE, ckpt, str(samples), dtype], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=900)
     added = json.loads(out.stdout.strip().splitlines()[-1])["added_mb"]
-    estimate = unet_call_bytes(SD15, 64, samples, 4) / MB
-    print(f"SD 1.5 UNet call, {samples} samples, fp32, streamed: measured +{added:.0f} MB, estimated +{estimate:.0f} MB")
+    estimate = unet_call_bytes(SD15, 64, samples, 2 if dtype == "bf16" else 4) / MB
+    print(f"SD 1.5 UNet call, {samples} samples, {dtype}, streamed: measured +{added:.0f} MB, estimated +{estimate:.0f} MB")
     assert added <= estimate
     assert estimate <= 1.6 * added  # and not so loose that the budget is wasted

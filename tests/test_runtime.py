@@ -1,0 +1,70 @@
+"""Compute dtype choice and process tuning (allocator, oneDNN's primitive cache)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lib_hrlr.errors import InvalidInput
+from lib_hrlr.runtime import ONEDNN_CACHE_ENV, resolve_dtype
+from tests.conftest import ROOT
+
+AVX2 = frozenset({"avx", "avx2", "fma", "f16c"})
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_is_bf16_only_where_the_cpu_computes_it_fast():
+    assert resolve_dtype("auto", CPU, AVX2 | {"avx512f", "avx512_bf16"}) == torch.bfloat16
+    assert resolve_dtype("auto", CPU, AVX2 | {"amx_bf16"}) == torch.bfloat16
+    assert resolve_dtype("auto", CPU, AVX2 | {"avx512f"}) == torch.float32
+    assert resolve_dtype("auto", CUDA, AVX2) == torch.float16
+    assert resolve_dtype("fp32", CPU, AVX2 | {"avx512_bf16"}) == torch.float32
+
+
+def test_unknown_dtype_names_the_field():
+    with pytest.raises(InvalidInput) as e:
+        resolve_dtype("int8", CPU)
+    assert e.value.field == "dtype" and "auto, fp32, bf16 or fp16" in str(e.value)
+
+
+# 200 convolutions of distinct shapes: each makes oneDNN compile a primitive, which its cache
+# keeps (default capacity 1024) unless tune_allocator() turned the cache off first
+CONVS = r"""
+import json, os, sys, torch, torch.nn.functional as F
+from lib_hrlr.runtime import trim_allocator, tune_allocator
+from lib_hrlr.memory.meter import read_status_kb
+if sys.argv[1] == "tuned":
+    tune_allocator()
+torch.set_num_threads(1)
+w = torch.randn(64, 64, 3, 3)
+with torch.inference_mode():
+    F.conv2d(torch.randn(1, 64, 8, 8), w, padding=1)
+    trim_allocator()
+    before = read_status_kb()["VmRSS"]
+    for s in range(9, 209):
+        F.conv2d(torch.randn(1, 64, s, 9), w, padding=1)
+trim_allocator()
+print(json.dumps({"grew_mb": (read_status_kb()["VmRSS"] - before) / 1024, "env": os.environ.get(sys.argv[2])}))
+"""
+
+
+def _convs(mode: str, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CONVS, mode, ONEDNN_CACHE_ENV], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_process_does_not_keep_compiled_convolutions():
+    env = {k: v for k, v in os.environ.items() if k not in (ONEDNN_CACHE_ENV, "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+    default, tuned = _convs("plain", env), _convs("tuned", env)
+    print(f"200 conv shapes: RSS +{default['grew_mb']:.1f} MB with oneDNN's cache, +{tuned['grew_mb']:.1f} MB tuned")
+    assert tuned["env"] == "0"
+    assert tuned["grew_mb"] + 5 < default["grew_mb"]
+
+
+def test_a_cache_size_the_user_set_is_kept():
+    env = dict(os.environ, **{ONEDNN_CACHE_ENV: "64"})
+    assert _convs("tuned", env)["env"] == "64"

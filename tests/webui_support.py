@@ -185,7 +185,20 @@ class Webui:
             "samples_save": True, "grid_save": False, "save_images_before_face_restoration": False,
             "auto_launch_browser": "Disable", "outdir_samples": "", "enable_quantization": False}))
 
+    # the webui adds a middleware after uvicorn starts serving; under load the app has sometimes
+    # started first and the webui exits with this (an upstream race, A1111 issues #7759, #11635)
+    STARTUP_RACE = "Cannot add middleware after an application has started"
+
     def start(self, timeout: float = 300) -> "Webui":
+        try:
+            return self._start(timeout)
+        except RuntimeError as e:
+            if self.STARTUP_RACE not in str(e):
+                raise
+            self.stop()
+            return self._start(timeout)  # once more: the race is the webui's, not the extension's
+
+    def _start(self, timeout: float) -> "Webui":
         self.prepare()
         args = [str(WEBUI_PYTHON), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
                 "--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model",

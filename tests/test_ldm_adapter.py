@@ -80,6 +80,18 @@ def test_resident_model_computes_in_its_own_dtype_whatever_the_run_asks(tiny, tm
     assert np.abs(ia - ib).max() == 0
 
 
+@pytest.mark.parametrize("weights,expected", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float8_e4m3fn, None)])
+def test_model_dtype_is_the_unets_compute_dtype(tiny, weights, expected):
+    """fp8 weights are storage only (the webui computes them under autocast): the run keeps its dtype."""
+    _, ckpt = tiny
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.diffusion_model = torch.nn.Linear(4, 4).to(weights)
+    model.get_learned_conditioning = None
+    assert LdmBackend(model, ckpt.config, "x", "0").model_dtype == expected
+
+
 def test_vae_view_decodes_an_ldm_autoencoder_like_the_engine_model(tiny):
     _, ckpt = tiny
     vae = _load(AutoencoderKL(ckpt.config.vae), ckpt.component("vae"))

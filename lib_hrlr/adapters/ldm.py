@@ -16,6 +16,7 @@ import torch
 
 from ..config.architectures import ModelConfig, VAEConfig
 from ..pipeline.backend import RunSettings
+from ..runtime import DTYPES
 from ..pipeline import components
 from ..memory.meter import MemoryMeter, attach_module_labels
 
@@ -45,8 +46,9 @@ class LdmBackend:
 
     ``text_fn(prompts) -> (B, T, C)``: defaults to ``model.get_learned_conditioning``; rows
     share T (the webui pads every prompt of a batch to the longest).  ``model_dtype`` is the
-    UNet's own parameter dtype: the run computes in it, whatever dtype was asked for (a resident
-    model computes in the precision it was loaded in).
+    UNet's own parameter dtype when it is a compute dtype (fp32, fp16, bf16): the run computes
+    in it, whatever dtype was asked for (a resident model computes in the precision it was
+    loaded in).
     """
 
     def __init__(self, model, config: ModelConfig, name: str, hash: str,
@@ -59,9 +61,12 @@ class LdmBackend:
         self.text_fn = text_fn or model.get_learned_conditioning
         self.wrap_call = wrap_call or contextlib.nullcontext
         self.resident_mb = module_mb(model)
-        unet = model.model.diffusion_model if hasattr(model, "model") else None
-        floats = (p.dtype for p in (unet.parameters() if unet is not None else ()) if p.is_floating_point())
-        self.model_dtype: torch.dtype | None = next(floats, None)
+        self.unet_module = model.model.diffusion_model if hasattr(model, "model") else None
+        # storage-only dtypes (the webui's fp8 weights, computed under autocast) leave the choice
+        # to the run, which the glue sets from the webui's own compute dtype
+        params = self.unet_module.parameters() if self.unet_module is not None else ()
+        first = next((p.dtype for p in params if p.is_floating_point()), None)
+        self.model_dtype: torch.dtype | None = first if first in DTYPES.values() else None
         self.settings: RunSettings | None = None
         self.meter: MemoryMeter | None = None
 
@@ -81,10 +86,9 @@ class LdmBackend:
 
     @contextlib.contextmanager
     def unet(self):
-        unet_module = self.model.model.diffusion_model if hasattr(self.model, "model") else None
         labels = contextlib.ExitStack()
-        if self.meter is not None and unet_module is not None:
-            labels.enter_context(attach_module_labels(self.meter, components.unet_block_labels(unet_module)))
+        if self.meter is not None and self.unet_module is not None:
+            labels.enter_context(attach_module_labels(self.meter, components.unet_block_labels(self.unet_module)))
         device = self.settings.device
 
         def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -196,41 +196,131 @@ class CkptContents:
     other_keys: list[str] = field(default_factory=list)  # top-level keys besides the state dict
 
 
-def _find_inert(obj, depth=0):
-    """The first Inert object reachable from ``obj`` (None if none)."""
-    if isinstance(obj, Inert) or (isinstance(obj, type) and issubclass(obj, Inert)):
-        return obj
-    if depth > 50:
-        return None
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            hit = _find_inert(k, depth + 1) or _find_inert(v, depth + 1)
+def _nodes(obj, seen: set[int] | None = None):
+    """Every object reachable from ``obj`` through dicts, sequences, sets and inert objects'
+    arguments and state, each once (a pickle can share one object from many places: a DAG of
+    shared references walked as a tree doubles per level; this walk is linear in its size)."""
+    seen = set() if seen is None else seen
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        yield o
+        if isinstance(o, dict):
+            for k, v in o.items():
+                todo.append(k)
+                todo.append(v)
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            todo.extend(o)
+        elif isinstance(o, Inert):
+            todo.append(o._args)
+            todo.append(o._state)
+
+
+def _is_inert(o) -> bool:
+    return isinstance(o, Inert) or (isinstance(o, type) and issubclass(o, Inert))
+
+
+def _find_inert_in_state(state: dict):
+    """``(key, inert)`` of the first state-dict entry that reaches an Inert object (``None``
+    if none); one walk over the whole mapping, each shared object visited once."""
+    seen: set[int] = {id(state)}
+    for k, v in state.items():
+        for part in (k, v):
+            hit = next((o for o in _nodes(part, seen) if _is_inert(o)), None)
             if hit is not None:
-                return hit
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            hit = _find_inert(v, depth + 1)
-            if hit is not None:
-                return hit
+                return k, hit
     return None
 
 
-def _collect_inert(obj, out: set, depth=0):
-    if isinstance(obj, type) and issubclass(obj, Inert) or isinstance(obj, Inert):
-        out.add(obj.global_name)
-        if isinstance(obj, Inert):
-            _collect_inert(obj._args, out, depth + 1)
-            _collect_inert(obj._state, out, depth + 1)
-        return
-    if depth > 50:
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _collect_inert(k, out, depth + 1)
-            _collect_inert(v, out, depth + 1)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            _collect_inert(v, out, depth + 1)
+def _collect_inert(obj, out: set) -> None:
+    out.update(o.global_name for o in _nodes(obj) if _is_inert(o))
+
+
+# Opcodes that add to the object below them on the stack instead of making a new one.
+_IN_PLACE_OPS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+# the largest tree (objects counted once per reference) a pickle may describe: real checkpoints
+# stay near one object per pickle byte; a DAG of shared tuples 40 deep would be 2^40, and
+# hashing a tuple (a dict key, a set member) walks it as a tree inside the unpickler itself
+MAX_EXPANDED_NODES_MIN = 1 << 22
+EXPANDED_NODES_PER_BYTE = 16
+
+
+class _Cell:
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+def check_expansion(pickled: bytes, limit: int | None = None) -> int:
+    """Refuse a pickle whose objects, expanded as trees, exceed ``limit`` nodes (default:
+    ``max(MAX_EXPANDED_NODES_MIN, EXPANDED_NODES_PER_BYTE * len(pickled))``).
+
+    Walks the opcodes once (time linear in the pickle's size, nothing is built) keeping, for
+    every stack and memo entry, the size of its tree.  Returns the largest size seen.
+    Raises :class:`pickle.UnpicklingError` for a stream it cannot follow.
+    """
+    import pickletools
+
+    limit = limit or max(MAX_EXPANDED_NODES_MIN, EXPANDED_NODES_PER_BYTE * len(pickled))
+    mark = object()
+    stack: list = []
+    memo: dict = {}
+    largest = 0
+    try:
+        for op, arg, _pos in pickletools.genops(pickled):
+            name = op.name
+            if name in _PUT_OPS:
+                memo[arg] = stack[-1]
+                continue
+            if name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+                continue
+            if name in _GET_OPS:
+                stack.append(memo[arg])
+                continue
+            if name == "MARK":
+                stack.append(mark)
+                continue
+            if name == "DUP":
+                stack.append(stack[-1])
+                continue
+            before = op.stack_before
+            popped: list = []
+            n_plain = len(before)
+            if any(s.name == "mark" for s in before):
+                n_plain = [s.name for s in before].index("mark")
+                while (item := stack.pop()) is not mark:
+                    popped.append(item)
+            for _ in range(n_plain):
+                item = stack.pop()
+                if item is mark:
+                    raise pickle.UnpicklingError(f"{name} found a MARK where it expected an object")
+                popped.append(item)
+            size = sum(c.n for c in popped)
+            if name in _IN_PLACE_OPS:
+                target = popped.pop()  # the object below the mark / the items
+                target.n += sum(c.n for c in popped)  # grows by what it gains
+                cells = [target]
+            else:
+                cells = [_Cell(1 + size) for _ in op.stack_after]
+            for c in cells:
+                largest = max(largest, c.n)
+                if c.n > limit:
+                    raise CheckpointError(
+                        "model",
+                        f"refusing to load: the pickle shares references so deeply that its objects expand to more "
+                        f"than {limit} nodes (a crafted file: reading it would take time exponential in its size)",
+                    )
+            stack.extend(cells)
+    except (IndexError, KeyError) as e:
+        raise pickle.UnpicklingError(f"malformed pickle ({type(e).__name__}: {e})") from None
+    return largest
 
 
 def _entry_data_offset(raw: io.BufferedReader, info: zipfile.ZipInfo, path: Path) -> int:
@@ -312,6 +402,7 @@ def read_ckpt(path: str | Path) -> CkptContents:
             except (zipfile.BadZipFile, OSError, EOFError) as e:
                 raise CheckpointError("model", f"'{path}': cannot read {pkl_name} ({e}); the file is damaged") from None
             try:
+                check_expansion(pickled)
                 obj = RestrictedUnpickler(io.BytesIO(pickled)).load()
             except CheckpointError:
                 raise
@@ -319,13 +410,13 @@ def read_ckpt(path: str | Path) -> CkptContents:
                 raise CheckpointError("model", f"'{path}': {pkl_name} is not a valid checkpoint pickle ({type(e).__name__}: {e})") from None
 
             state, state_key = _select_state(obj, path)
-            for k, v in state.items():
-                hit = _find_inert(k) or _find_inert(v)
-                if hit is not None:
-                    raise CheckpointError(
-                        "model",
-                        f"refusing to load: the state dict of '{path}' holds an object of '{hit.global_name}' at {k!r}; {ALLOWED_DESCRIPTION}",
-                    )
+            found = _find_inert_in_state(state)
+            if found is not None:
+                k, hit = found
+                raise CheckpointError(
+                    "model",
+                    f"refusing to load: the state dict of '{path}' holds an object of '{hit.global_name}' at {k!r}; {ALLOWED_DESCRIPTION}",
+                )
             ignored: set[str] = set()
             _collect_inert(obj, ignored)
 

@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.x UNet (LDM ``openaimodel.UNetModel``), in plain torch.
+"""The Stable Diffusion 1.x and SDXL UNet (LDM / sgm ``openaimodel.UNetModel``), in plain torch.
 
 Parameter names are exactly those of an LDM single-file checkpoint below
 ``model.diffusion_model.`` (:data:`lib_hrlr.config.architectures.UNET_PREFIX`)::
@@ -15,6 +15,12 @@ Parameter names are exactly those of an LDM single-file checkpoint below
     output_blocks.N.{0,1}                 ResBlock [, SpatialTransformer]
     output_blocks.N.{1|2}.conv            Upsample conv
     out.{0,2}                             GroupNorm, conv_out
+    label_emb.0.{0,2}                     SDXL: MLP over the ADM vector ``y``, added to the
+                                          time embedding (:func:`adm_vector` builds ``y``)
+
+SDXL differs only by configuration (:class:`UNetConfig`): transformer depth per level,
+no attention at level 0, heads of ``num_head_channels`` channels, linear
+``proj_in``/``proj_out``, and ``adm_in_channels`` (the ``label_emb`` MLP).
 
 :func:`diffusers_key_map` gives the names of diffusers' ``UNet2DConditionModel`` for the
 same architecture.
@@ -69,6 +75,8 @@ MIN_CHUNK = 32
 STREAM_FF_TOKENS = 1024
 STREAM_ATTN_QUERIES = 4096
 STREAM_CONV_WEIGHTS = 8 * 1024 * 1024
+# (ff_tokens, attn_queries, conv_weights) as set_chunking takes them
+STREAM_CHUNKING = (STREAM_FF_TOKENS, STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS)
 
 
 def chunk_spans(n: int, limit: int | None) -> list[tuple[int, int]]:
@@ -100,6 +108,29 @@ def _add(acc: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         return acc + other
     acc += other
     return acc
+
+
+def micro_conditioning_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's size/crop embedding: each of the (B, n) scalars through the ``dim``-wide sinusoid,
+    concatenated per sample: (B, n * dim) float32 (sgm ``ConcatTimestepEmbedderND``; diffusers
+    ``add_time_proj``)."""
+    values = torch.as_tensor(values, dtype=torch.float32)
+    if values.dim() != 2:
+        raise InvalidInput("time_ids", f"shape {tuple(values.shape)}; (batch, 6) is needed")
+    b, n = values.shape
+    return timestep_embedding(values.reshape(-1), dim).reshape(b, n * dim)
+
+
+def adm_vector(pooled: torch.Tensor, time_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's ``y`` (B, pooled + 6 * dim) float32: the pooled text embedding, then the embedded
+    ``time_ids`` rows ``(original_h, original_w, crop_top, crop_left, target_h, target_w)``."""
+    pooled = torch.as_tensor(pooled)
+    time_ids = torch.as_tensor(time_ids, dtype=torch.float32)
+    if pooled.dim() != 2:
+        raise InvalidInput("pooled", f"shape {tuple(pooled.shape)}; (batch, width) is needed")
+    if time_ids.dim() != 2 or time_ids.shape[1] != 6 or time_ids.shape[0] != pooled.shape[0]:
+        raise InvalidInput("time_ids", f"shape {tuple(time_ids.shape)}; ({pooled.shape[0]}, 6) is needed")
+    return torch.cat([pooled.float(), micro_conditioning_embedding(time_ids, dim)], dim=1)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -353,18 +384,36 @@ def _check_config(cfg: UNetConfig) -> None:
         raise InvalidInput("channel_mult", "needs at least one level")
     if len(cfg.attention_levels) != levels:
         raise InvalidInput("attention_levels", f"needs one flag per level of channel_mult ({levels})")
+    depth = cfg.transformer_depth
+    if isinstance(depth, tuple):
+        if len(depth) != levels or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depth):
+            raise InvalidInput("transformer_depth", f"{depth}; one count >= 0 per level of channel_mult ({levels})")
+    elif isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise InvalidInput("transformer_depth", f"{depth!r}; a positive integer or one count per level is allowed")
+    for level, flag in enumerate(cfg.attention_levels):
+        if flag and cfg.level_depth(level) < 1:
+            raise InvalidInput("transformer_depth", f"level {level} has attention, so it needs at least one block")
+    if cfg.middle_depth < 1:
+        raise InvalidInput("transformer_depth_middle", f"{cfg.middle_depth}; the middle block needs at least one")
+    if cfg.num_head_channels is not None and cfg.num_head_channels < 1:
+        raise InvalidInput("num_head_channels", f"{cfg.num_head_channels}; a positive integer or None is allowed")
+    if cfg.adm_in_channels is not None and cfg.adm_in_channels < 1:
+        raise InvalidInput("adm_in_channels", f"{cfg.adm_in_channels}; a positive integer or None is allowed")
     for mult in cfg.channel_mult:
         ch = cfg.model_channels * mult
         if ch % cfg.norm_groups:
             raise InvalidInput("norm_groups", f"{cfg.norm_groups} does not divide {ch} channels")
-        if ch % cfg.num_heads:
+        if cfg.num_head_channels:
+            if ch % cfg.num_head_channels:
+                raise InvalidInput("num_head_channels", f"{cfg.num_head_channels} does not divide {ch} channels")
+        elif ch % cfg.num_heads:
             raise InvalidInput("num_heads", f"{cfg.num_heads} does not divide {ch} channels")
     if cfg.model_channels % cfg.norm_groups:
         raise InvalidInput("norm_groups", f"{cfg.norm_groups} does not divide {cfg.model_channels} channels")
 
 
 class UNet(nn.Module):
-    """SD 1.x UNet built from a :class:`UNetConfig`; ``forward(x, timesteps, context) -> eps``."""
+    """SD 1.x / SDXL UNet built from a :class:`UNetConfig`; ``forward(x, timesteps, context, y=None) -> eps``."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -374,11 +423,16 @@ class UNet(nn.Module):
         emb_dim = mc * 4
         groups = cfg.norm_groups
 
-        def transformer(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, groups,
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.heads(ch), depth, cfg.context_dim, groups,
                                       cfg.use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+        else:
+            self.label_emb = None
 
         self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_channels = [mc]
@@ -389,7 +443,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if cfg.attention_levels[level]:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.level_depth(level)))
                 self.input_blocks.append(TimestepBlock(layers))
                 skip_channels.append(ch)
             if level != last:
@@ -398,7 +452,7 @@ class UNet(nn.Module):
 
         self.middle_block = TimestepBlock([
             ResBlock(ch, emb_dim, ch, groups),
-            transformer(ch),
+            transformer(ch, cfg.middle_depth),
             ResBlock(ch, emb_dim, ch, groups),
         ])
 
@@ -409,7 +463,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if cfg.attention_levels[level]:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.level_depth(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
@@ -441,7 +495,8 @@ class UNet(nn.Module):
             elif isinstance(m, GroupedConv2d):
                 m.weight_limit = conv_weights
 
-    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                      y: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise InvalidInput("x", f"must be a tensor (batch, {cfg.in_channels}, height, width)")
@@ -453,6 +508,12 @@ class UNet(nn.Module):
         if context.shape[0] != b or context.shape[1] < 1:
             raise InvalidInput("context", f"batch {context.shape[0]} and {context.shape[1]} tokens; "
                                           f"batch {b} and at least one token are needed")
+        if cfg.adm_in_channels:
+            if not isinstance(y, torch.Tensor) or y.dim() != 2 or tuple(y.shape) != (b, cfg.adm_in_channels):
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else repr(y)
+                raise InvalidInput("y", f"{got}; this UNet needs its ADM vector (batch {b}, {cfg.adm_in_channels})")
+        elif y is not None:
+            raise InvalidInput("y", "this UNet has no label embedding (adm_in_channels is None); pass y=None")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
             timesteps = timesteps.reshape(1)
@@ -460,17 +521,23 @@ class UNet(nn.Module):
             raise InvalidInput("timesteps", f"shape {tuple(timesteps.shape)}; (batch,) or a scalar is allowed")
         return timesteps.expand(b)
 
-    def time_embedding(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """SiLU(time_embed(sinusoid(timesteps))): (B, 4 * model_channels), what every
-        ResBlock takes.  The sinusoid is computed in float32, then cast to ``dtype``."""
+    def time_embedding(self, timesteps: torch.Tensor, dtype: torch.dtype, y: torch.Tensor | None = None) -> torch.Tensor:
+        """SiLU(time_embed(sinusoid(timesteps)) [+ label_emb(y)]): (B, 4 * model_channels), what
+        every ResBlock takes.  The sinusoid is computed in float32, then cast to ``dtype``."""
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
         emb = self.time_embed[2](_silu(self.time_embed[0](t_emb)))
+        if self.label_emb is not None:
+            mlp = self.label_emb[0]
+            emb = _add(emb, mlp[2](_silu(mlp[0](y.to(dtype)))))
         return F.silu(emb)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, 4, h, w) and context (B, T, context_dim) in the weights' dtype; timesteps (B,)."""
-        timesteps = self._check_inputs(x, timesteps, context)
-        emb_act = self.time_embedding(timesteps, x.dtype)
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, 4, h, w) and context (B, T, context_dim) in the weights' dtype; timesteps (B,);
+        ``y`` (B, adm_in_channels), SDXL's ADM vector (:func:`adm_vector`), only when the
+        config has ``adm_in_channels``."""
+        timesteps = self._check_inputs(x, timesteps, context, y)
+        emb_act = self.time_embedding(timesteps, x.dtype, y)
 
         skips: list[torch.Tensor] = []
         h = x
@@ -508,9 +575,9 @@ def diffusers_key_map(cfg: UNetConfig) -> dict[str, str]:
             for p in ("weight", "bias"):
                 out[f"{src}.{a}.{p}"] = f"{dst}.{b}.{p}"
 
-    def attention(src: str, dst: str) -> None:
+    def attention(src: str, dst: str, depth: int) -> None:
         names = ["norm", "proj_in", "proj_out"]
-        for d in range(cfg.transformer_depth):
+        for d in range(depth):
             tb = f"transformer_blocks.{d}"
             names += [f"{tb}.{n}" for n in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
                                               "norm1", "norm2", "norm3")]
@@ -528,6 +595,9 @@ def diffusers_key_map(cfg: UNetConfig) -> dict[str, str]:
     mc = cfg.model_channels
     plain("time_embedding.linear_1", "time_embed.0")
     plain("time_embedding.linear_2", "time_embed.2")
+    if cfg.adm_in_channels:
+        plain("add_embedding.linear_1", "label_emb.0.0")
+        plain("add_embedding.linear_2", "label_emb.0.2")
     plain("conv_in", "input_blocks.0.0")
     n = 1
     ch = mc
@@ -538,7 +608,7 @@ def diffusers_key_map(cfg: UNetConfig) -> dict[str, str]:
             resnet(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{n}.0", ch != mc * mult)
             ch = mc * mult
             if cfg.attention_levels[level]:
-                attention(f"down_blocks.{level}.attentions.{j}", f"input_blocks.{n}.1")
+                attention(f"down_blocks.{level}.attentions.{j}", f"input_blocks.{n}.1", cfg.level_depth(level))
             skip_channels.append(ch)
             n += 1
         if level != last:
@@ -546,7 +616,7 @@ def diffusers_key_map(cfg: UNetConfig) -> dict[str, str]:
             skip_channels.append(ch)
             n += 1
     resnet("mid_block.resnets.0", "middle_block.0", False)
-    attention("mid_block.attentions.0", "middle_block.1")
+    attention("mid_block.attentions.0", "middle_block.1", cfg.middle_depth)
     resnet("mid_block.resnets.1", "middle_block.2", False)
     n = 0
     for up, level in enumerate(range(last, -1, -1)):
@@ -557,7 +627,7 @@ def diffusers_key_map(cfg: UNetConfig) -> dict[str, str]:
             ch = mc * mult
             index = 1
             if cfg.attention_levels[level]:
-                attention(f"up_blocks.{up}.attentions.{j}", f"output_blocks.{n}.1")
+                attention(f"up_blocks.{up}.attentions.{j}", f"output_blocks.{n}.1", cfg.level_depth(level))
                 index = 2
             if level and j == cfg.num_res_blocks:
                 plain(f"up_blocks.{up}.upsamplers.0.conv", f"output_blocks.{n}.{index}.conv")

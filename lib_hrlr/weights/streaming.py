@@ -56,6 +56,8 @@ ARENA_ALIGN = 64
 ARENA_SLACK = 1 << 20
 
 EventCallback = Callable[[str, str, int, float], None]
+# transform(name, tensor): change a freshly read floating tensor in place (e.g. merge a LoRA delta)
+WeightTransform = Callable[[str, torch.Tensor], None]
 
 
 @dataclass
@@ -178,6 +180,10 @@ class WeightStreamer:
     Modules of ``unit_types`` are streamed whole, as one unit (for modules that call their
     children several times per forward, e.g. a feed-forward chunked over tokens).
     Floating tensors are materialised in ``dtype``, others in their own dtype.
+    ``transform(name, tensor)``, when given, is called on every floating tensor right after it
+    is read (in the compute dtype, on either thread, before it is attached, pinned or cached),
+    so every use of the weight — streamed, prefetched, pinned — sees the transformed values;
+    it must change the tensor in place and be thread-safe.
     ``on_event(kind, unit_name, nbytes, seconds)`` is called on the calling thread with
     kind in load (synchronous), prefetch (a prefetched unit was used; seconds = its
     background load time), wait (seconds blocked on it), release, pin, discard.
@@ -196,6 +202,7 @@ class WeightStreamer:
         chunk_bytes: int = CHUNK_BYTES,
         arena: bool = True,
         unit_types: tuple[type, ...] = (),
+        transform: WeightTransform | None = None,
     ):
         if prefetch_depth < 0:
             raise ValueError("prefetch_depth must be >= 0")
@@ -208,6 +215,7 @@ class WeightStreamer:
         self.cache_bytes = max(0, int(cache_bytes))
         self.prefetch_depth = prefetch_depth if prefetch else 0
         self.on_event = on_event
+        self.transform = transform
         self.stats = StreamStats()
         self._units = self._plan_units(model, sources, tuple(unit_types))
         self._order: list[_Unit] = []
@@ -339,6 +347,8 @@ class WeightStreamer:
                         chunk = buf[: n * isz]
                         pread_into(fd, info.offset + start * isz, tensor_memoryview(chunk))
                         flat[start : start + n].copy_(chunk.view(info.dtype))
+            if self.transform is not None and t.is_floating_point():
+                self.transform(slot.full, t)
             out[slot.full] = t
 
     def _attach(self, unit: _Unit, loaded: _Loaded) -> None:

@@ -106,3 +106,98 @@ def test_expansion_of_a_real_checkpoint_pickle_is_small(tmp_path):
         pickled = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     largest = check_expansion(pickled)
     assert 50 * 5 < largest < len(pickled)  # about one node per tensor argument, fewer than bytes
+
+
+# ------------------------------------------------------------------------------ hash cache
+
+
+@pytest.fixture
+def hash_calls(monkeypatch, tmp_path):
+    """Counts whole-file hashes (the real function runs) with the cache under tmp_path."""
+    from lib_hrlr.weights import file_hash
+
+    monkeypatch.setenv("HRLR_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = file_hash.sha256_file
+
+    def counting(path):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(file_hash, "sha256_file", counting)
+    return calls
+
+
+def test_checkpoint_hash_is_cached_by_path_size_and_mtime(tmp_path, hash_calls):
+    model = write_random_checkpoint(tmp_path / "m.safetensors", TINY, torch.float16, seed=1)
+    want = hashlib.sha256(model.read_bytes()).hexdigest()
+    ck = open_checkpoint(model)
+    assert ck.sha256 == want and ck.sha256_short == want[:10]
+    assert ck.sha256 == want and len(hash_calls) == 1  # once per object
+    assert open_checkpoint(model).sha256 == want and len(hash_calls) == 1  # a second run: from the cache
+    cache = json.loads((tmp_path / "cache" / "hashes.json").read_text())
+    st = model.stat()
+    assert cache[os.path.realpath(model)] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": want}
+    # same size, new mtime: hashed again
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert open_checkpoint(model).sha256 == hashlib.sha256(bytes(data)).hexdigest() != want
+    assert len(hash_calls) == 2
+    # a link to the same file shares the entry
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(model)
+    assert open_checkpoint(link).sha256 == hashlib.sha256(bytes(data)).hexdigest() and len(hash_calls) == 2
+
+
+def test_damaged_or_read_only_cache_only_costs_a_rehash(tmp_path, hash_calls):
+    from lib_hrlr.weights.file_hash import cached_sha256
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(os.urandom(3000))
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    cache = tmp_path / "cache" / "hashes.json"
+    cache.parent.mkdir()
+    cache.write_text("{not json")
+    assert cached_sha256(f) == want and len(hash_calls) == 1
+    assert json.loads(cache.read_text())[os.path.realpath(f)]["sha256"] == want  # rewritten whole
+    cache.write_text(json.dumps({os.path.realpath(f): {"size": 3000, "mtime_ns": f.stat().st_mtime_ns, "sha256": "x"}}))
+    assert cached_sha256(f) == want and len(hash_calls) == 2  # a malformed entry is not trusted
+    # a cache that cannot be written (its folder is a file: fails for root too) is skipped
+    unwritable = str(f) + "/hashes.json"
+    assert cached_sha256(f, cache_file=unwritable) == want
+    assert cached_sha256(f, cache_file=unwritable) == want
+    assert len(hash_calls) == 4 and sorted(os.listdir(tmp_path)) == ["cache", "w.bin"]
+
+
+# ------------------------------------------------------------------------ declared configs
+
+
+def test_declared_config_gets_the_same_shape_checks(tmp_path):
+    """A safetensors file with ``hrlr_config`` metadata: a weight with the right number of
+    elements in the wrong shape (transposed channels) is refused as for any other file, while a
+    1x1 convolution stored as a linear layer (as diffusers-converted files do) is accepted."""
+    from safetensors.torch import load_file
+
+    good = write_random_checkpoint(tmp_path / "good.safetensors", TINY, torch.float16, seed=2)
+    state = load_file(str(good))
+    md = {"hrlr_config": TINY.to_json()}
+    key = UNET_PREFIX + "input_blocks.0.0.weight"
+    w = state[key]
+    assert w.shape == (32, 4, 3, 3)
+    bad = dict(state)
+    bad[key] = w.reshape(4, 32, 3, 3).contiguous()
+    p = tmp_path / "bad.safetensors"
+    save_file(bad, str(p), metadata=md)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(p)
+    assert "'input_blocks.0.0.weight' has shape [4, 32, 3, 3]" in e.value.message and "needs [32, 4, 3, 3]" in e.value.message
+
+    one_by_one = [k for k, v in state.items() if v.ndim == 4 and v.shape[2:] == (1, 1)]
+    assert one_by_one  # proj_in / proj_out / VAE attention
+    linear = {k: (v[:, :, 0, 0].contiguous() if k in one_by_one else v) for k, v in state.items()}
+    q = tmp_path / "linear.safetensors"
+    save_file(linear, str(q), metadata=md)
+    ck = open_checkpoint(q)
+    assert ck.config == TINY and ck.config_source == "metadata"

@@ -25,7 +25,6 @@ SDXL, SD 2.x, SD3/Flux, inpainting UNets and non-model files are recognised and 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from ..config.architectures import (
 )
 from ..errors import CheckpointError, InvalidInput
 from .ckpt_file import read_ckpt
+from .file_hash import cached_sha256
 from .safetensors_file import TensorInfo, TensorSource, read_header
 
 __all__ = ["Checkpoint", "TensorSource", "TensorInfo", "open_checkpoint", "COMPONENTS", "SUPPORTED"]
@@ -85,14 +85,10 @@ class Checkpoint:
 
     @functools.cached_property
     def sha256(self) -> str:
-        """sha256 of the checkpoint file (the UNet file of a folder), read in 1 MiB blocks."""
-        h = hashlib.sha256()
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        with open(self.hash_file, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                h.update(view[:n])
-        return h.hexdigest()
+        """sha256 of the checkpoint file (the UNet file of a folder): computed once per
+        object, and across runs cached by (path, size, mtime) in the user cache folder
+        (:mod:`~lib_hrlr.weights.file_hash`)."""
+        return cached_sha256(self.hash_file)
 
     @property
     def sha256_short(self) -> str:
@@ -547,9 +543,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]
     return {k: {n: tuple(t.shape) for n, t in m.state_dict().items()} for k, m in models.items()}
 
 
+def _squeeze_trailing(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while shape and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def check_components(ckpt: Checkpoint) -> None:
-    """Every weight the models need is present with the right number of elements."""
-    import math
+    """Every weight the models need is present with the right shape (up to trailing 1s)."""
 
     for comp, shapes in expected_shapes(ckpt.config).items():
         have = ckpt.components[comp]
@@ -562,7 +564,9 @@ def check_components(ckpt: Checkpoint) -> None:
             )
         for n, shape in shapes.items():
             info = have[n].info
-            if math.prod(info.shape) != math.prod(shape):
+            # exact shapes, whatever declared the config (inferred or hrlr_config metadata); only
+            # trailing 1s may differ: a 1x1 convolution stored as a linear layer and vice versa
+            if _squeeze_trailing(info.shape) != _squeeze_trailing(shape):
                 raise _err(
                     f"'{ckpt.path.name}': {comp} weight '{n}' has shape {list(info.shape)}, the {ckpt.config.name} "
                     f"architecture needs {list(shape)}; {SUPPORTED}"

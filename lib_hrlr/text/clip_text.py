@@ -1,4 +1,10 @@
-"""The CLIP text transformer of Stable Diffusion 1.x, in plain torch.
+"""The CLIP text transformers of Stable Diffusion 1.x and SDXL, in plain torch.
+
+One module serves CLIP ViT-L/14 (SD 1.x, and SDXL's first encoder) and OpenCLIP
+ViT-bigG/14's text tower (SDXL's second): they differ by configuration only (width, depth,
+GELU, and bigG's ``text_projection`` of the pooled state, built when
+``TextEncoderConfig.projection_dim`` is set; transformers' ``CLIPTextModelWithProjection``).
+OpenCLIP's own checkpoint names are mapped to these by :mod:`lib_hrlr.text.openclip`.
 
 Parameter names are those of Hugging Face's ``CLIPTextModel``
 (``text_model.embeddings.token_embedding.weight``, ``text_model.encoder.layers.{i}.
@@ -58,9 +64,15 @@ class _Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size,
                                                _weight=_normal(cfg.max_positions, cfg.hidden_size))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_embeds``: the token embedding rows of ``input_ids`` already looked up (e.g.
+        read row by row from the checkpoint, :mod:`lib_hrlr.text.token_rows`): the whole
+        ``token_embedding`` table is then never touched."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.token_embedding(input_ids)
+        if token_embeds is None:
+            x = self.token_embedding(input_ids)
+        else:
+            x = token_embeds.clone()  # in the compute dtype: the caller reads the rows in it
         x += self.position_embedding(positions)[None]
         return x
 
@@ -132,6 +144,24 @@ class _TextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
+class TextProjection(nn.Module):
+    """``text_projection`` of the pooled state, ``weight`` (projection_dim, hidden) as in
+    transformers (``y = x W^T``).  OpenCLIP stores the (hidden, projection_dim) matrix ``P``
+    with ``y = x P``; a loader that streams those bytes into ``weight`` unchanged sets
+    ``transposed = True`` and the same result is computed from them."""
+
+    def __init__(self, hidden: int, out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out, hidden))
+        self.transposed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.transposed:
+            return x @ w.reshape(w.shape[1], w.shape[0])
+        return F.linear(x, w)
+
+
 class ClipTextEncoder(nn.Module):
     """CLIP text transformer: ``forward(input_ids (B, T) long, clip_skip=1) -> (B, T, hidden)``.
 
@@ -150,8 +180,9 @@ class ClipTextEncoder(nn.Module):
             raise InvalidInput("num_heads", f"{cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
         self.config = cfg
         self.text_model = _TextTransformer(cfg)
+        self.text_projection = TextProjection(cfg.hidden_size, cfg.projection_dim) if cfg.projection_dim else None
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
         cfg = self.config
         if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
                 or input_ids.dtype not in (torch.int64, torch.int32)):
@@ -160,6 +191,35 @@ class ClipTextEncoder(nn.Module):
             raise InvalidInput("input_ids", f"{input_ids.shape[1]} tokens; 1 to {cfg.max_positions} are allowed")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise InvalidInput("input_ids", f"token ids must lie in 0..{cfg.vocab_size - 1}")
+
+    def encode_sdxl(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What SDXL takes from this encoder: the penultimate layer's hidden states (B, T,
+        hidden) *without* the final LayerNorm (CLIP ViT-L: ``hidden_states[11]``, bigG:
+        "penultimate"), and, with a text projection, the pooled output (B, projection_dim):
+        ``text_projection(final_layer_norm(last layer)[eos])`` where ``eos`` is the position
+        of the largest token id (the first EOS; sgm/OpenCLIP's ``argmax``).  Without a
+        projection the last layer is not run and the pooled output is None.
+
+        ``token_embeds`` (B, T, hidden): the token embedding rows, looked up by the caller."""
+        self._check_ids(input_ids)
+        tm = self.text_model
+        x = tm.embeddings(input_ids, token_embeds)
+        layers = tm.encoder.layers
+        for layer in layers[:-1]:
+            x = layer(x)
+        hidden = x
+        if self.text_projection is None:
+            return hidden, None
+        last = layers[-1](x)
+        eos = input_ids.argmax(dim=-1)
+        pooled = tm.final_layer_norm(last[torch.arange(last.shape[0], device=last.device), eos])
+        del last
+        return hidden, self.text_projection(pooled)
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        cfg = self.config
+        self._check_ids(input_ids)
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= cfg.num_layers:
             raise InvalidInput("clip_skip", f"{clip_skip!r}; an integer from 1 to {cfg.num_layers} is allowed")
         tm = self.text_model

@@ -1,19 +1,25 @@
 """Mixture of Diffusers over a large latent canvas: one k-diffusion denoiser call denoises
-every tile job and blends their estimates with per-tile weights.
+every tile job and blends their estimates.
 
-Jobs:
+Jobs, all of the plan's tile size (one crop size, so region tiles share UNet batches with the
+global tiles and never cost an extra pass over the streamed UNet weights):
 
 * the global prompt on every tile of the :class:`TilePlan`;
 * for each :class:`Region`, tiles covering its rectangle with the region's prompt.  Along an
-  axis where the region is at least a tile long, full tiles step across it (the last one
-  aligned to its far edge); where it is shorter, the tile is cropped to the region, rounded
-  up to the UNet's size multiple (8 latent px for SD) and centred on it (kept inside the
-  canvas).  A region job only writes inside its rectangle (it is masked to it).
+  axis where the region is at least a tile long, tiles step across it with the plan's stride
+  (the last one aligned to its far edge); where it is shorter, one tile is centred on it (kept
+  inside the canvas), so the UNet sees the region in its surroundings at its native size.  A
+  region job only writes inside its rectangle.
 
-A job's weight is the tile weighting (Gaussian or uniform) of its crop times the job weight
-(1 for the global prompt, ``Region.weight`` for regions).  One call returns
+Blend: each prompt ``p`` (0 = global, ``i`` = region i) has its own estimate, the tile-weighted
+mean ``E_p = Σ_t g_t·d_t / Σ_t g_t`` over its tiles (``g``: the Gaussian or uniform tile
+weighting), and the result is ``Σ_p share_p · E_p`` with the shares of
+:mod:`~lib_hrlr.tiling.regions` (weight 1: the region holds the whole blend inside its rectangle
+except the feather band).  Job ``t`` of prompt ``p`` therefore carries the weight map
+``share_p · g_t / Σ_t' g_t'`` (float64), the weights of every pixel sum to 1, and one call returns
 ``Σ w·denoised / Σ w`` over all jobs, float32, where each job's ``denoised`` is the
-classifier-free guided estimate of :class:`EpsDenoiser`.
+classifier-free guided estimate of :class:`EpsDenoiser`.  A job whose weight is 0 everywhere (a
+global tile entirely inside a weight-1 region's core) is dropped: it would not change the result.
 
 UNet batches hold up to ``batch_size`` samples (a guided job costs 2: its cond and uncond
 rows, which may fall in different batches); only crops of one size share a batch.  Jobs are
@@ -30,8 +36,8 @@ import torch
 from ..errors import InvalidInput, Interrupted
 from ..sampling.denoiser import EpsDenoiser, stack_contexts
 from .plan import Tile, TilePlan, axis_starts
-from .regions import Region, validate_regions
-from .weights import WEIGHTINGS
+from .regions import Region, feather_px, validate_feather, validate_regions
+from .weights import WEIGHTINGS, region_mask
 
 LATENT_DOWNSCALE = 8
 UNET_SIZE_MULTIPLE = 8
@@ -48,17 +54,30 @@ class TileJob:
     weight: torch.Tensor
 
 
-def _ceil_to(v: int, m: int) -> int:
-    return -(-v // m) * m
-
-
-def _region_axis(start: int, length: int, canvas: int, tile: int, stride: int, multiple: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of the tiles covering ``[start, start+length)`` along one axis."""
+def _region_axis(start: int, length: int, canvas: int, tile: int, stride: int) -> list[int]:
+    """Offsets of the ``tile``-long crops covering ``[start, start+length)`` along one axis."""
     if length >= tile:
-        return [(start + s, tile) for s in axis_starts(length, tile, stride)]
-    size = min(tile, _ceil_to(length, multiple), canvas)
-    offset = start - (size - length) // 2
-    return [(min(max(offset, 0), canvas - size), size)]
+        return [start + s for s in axis_starts(length, tile, stride)]
+    offset = start - (tile - length) // 2
+    return [min(max(offset, 0), canvas - tile)]
+
+
+def region_shares(
+    regions: Sequence[Region], height: int, width: int, feather: float | None = None, downscale: int = LATENT_DOWNSCALE
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(share_0, [share_i over region i's latent box])``, float64, from the regions' masks and
+    weights (formula in :mod:`~lib_hrlr.tiling.regions`); ``share_0`` covers the canvas."""
+    claims = []
+    total = torch.zeros(height, width, dtype=torch.float64)
+    for r in regions:
+        ry, rx, rh, rw = r.latent_box(downscale)
+        edges = (ry > 0, ry + rh < height, rx > 0, rx + rw < width)  # no band on the canvas border
+        claim = region_mask(rh, rw, feather_px(r, feather) / downscale, edges) * float(r.weight)
+        total[ry : ry + rh, rx : rx + rw] += claim
+        claims.append((Tile(ry, rx, rh, rw), claim))
+    denom = total.clamp(min=1.0)
+    share0 = (1.0 - total).clamp(min=0.0) / denom
+    return share0, [claim / denom[box.slices()] for box, claim in claims]
 
 
 def build_jobs(
@@ -67,29 +86,58 @@ def build_jobs(
     weighting: str = "gaussian",
     downscale: int = LATENT_DOWNSCALE,
     size_multiple: int = UNET_SIZE_MULTIPLE,
+    feather: float | None = None,
 ) -> tuple[TileJob, ...]:
-    """The jobs of one canvas: global tiles first (prompt 0), then region ``i``'s tiles (prompt i+1)."""
+    """The jobs of one canvas: global tiles first (prompt 0), then region ``i``'s tiles (prompt
+    i+1); weights as in the module docstring.  ``feather``: the regions' feather band in image
+    px (None: 1/8 of each region's shorter side).  ``size_multiple`` is accepted for callers
+    only: every crop is a whole tile, already a multiple of it."""
     if weighting not in WEIGHTINGS:
         raise InvalidInput("weighting", f"unknown weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
     weigh = WEIGHTINGS[weighting]
     validate_regions(regions, width=plan.width * downscale, height=plan.height * downscale)
-    jobs = [TileJob(t, t, 0, weigh(t.h, t.w)) for t in plan.tiles]
+    validate_feather(feather, regions)
+    H, W = plan.height, plan.width
+    g = weigh(plan.tile, plan.tile).to(torch.float64)
+    share0, shares = region_shares(regions, H, W, feather, downscale)
+
+    norm0 = torch.zeros(H, W, dtype=torch.float64)
+    for t in plan.tiles:
+        norm0[t.slices()] += g
+    jobs = []
+    for t in plan.tiles:
+        weight = g * (share0[t.slices()] / norm0[t.slices()])
+        if bool((weight > 0).any()) or not regions:
+            jobs.append(TileJob(t, t, 0, weight))
+
     stride = plan.tile - plan.overlap
     for i, region in enumerate(regions):
         ry, rx, rh, rw = region.latent_box(downscale)
-        rows = _region_axis(ry, rh, plan.height, plan.tile, stride, size_multiple)
-        cols = _region_axis(rx, rw, plan.width, plan.tile, stride, size_multiple)
-        for y, h in rows:
-            for x, w in cols:
-                crop = Tile(y, x, h, w)
-                # mask: the part of the crop inside the region's rectangle
-                by0, bx0 = max(y, ry), max(x, rx)
-                by1, bx1 = min(y + h, ry + rh), min(x + w, rx + rw)
-                box = Tile(by0, bx0, by1 - by0, bx1 - bx0)
-                full = weigh(h, w) * float(region.weight)
-                weight = full[by0 - y : by1 - y, bx0 - x : bx1 - x].contiguous()
-                jobs.append(TileJob(crop, box, i + 1, weight))
+        crops = [
+            Tile(y, x, plan.tile, plan.tile)
+            for y in _region_axis(ry, rh, H, plan.tile, stride)
+            for x in _region_axis(rx, rw, W, plan.tile, stride)
+        ]
+        parts = []  # (crop, box, g over the box)
+        norm = torch.zeros(rh, rw, dtype=torch.float64)
+        for crop in crops:
+            by0, bx0 = max(crop.y, ry), max(crop.x, rx)
+            by1, bx1 = min(crop.y1, ry + rh), min(crop.x1, rx + rw)
+            gb = g[by0 - crop.y : by1 - crop.y, bx0 - crop.x : bx1 - crop.x]
+            norm[by0 - ry : by1 - ry, bx0 - rx : bx1 - rx] += gb
+            parts.append((crop, Tile(by0, bx0, by1 - by0, bx1 - bx0), gb))
+        for crop, box, gb in parts:
+            sl = (slice(box.y - ry, box.y1 - ry), slice(box.x - rx, box.x1 - rx))
+            jobs.append(TileJob(crop, box, i + 1, gb * (shares[i][sl] / norm[sl])))
     return tuple(jobs)
+
+
+def prompt_shares(jobs: Sequence[TileJob], height: int, width: int, n_prompts: int) -> torch.Tensor:
+    """``(n_prompts, height, width)`` float64: each prompt's fraction of the blend at every pixel."""
+    out = torch.zeros(n_prompts, height, width, dtype=torch.float64)
+    for job in jobs:
+        out[job.prompt][job.box.slices()] += job.weight.to(torch.float64)
+    return out / out.sum(0, keepdim=True)
 
 
 def weight_sum(jobs: Sequence[TileJob], height: int, width: int) -> torch.Tensor:
@@ -106,7 +154,8 @@ class MixtureDenoiser:
     """``MixtureDenoiser(...)(x, sigma) -> denoised`` for a float32 ``(1, C, H, W)`` canvas.
 
     ``contexts``: ``(1, T, ctx)`` conditionings, the global prompt's first, then one per region
-    in order; ``negative``: the negative prompt's (needed when ``denoiser.cfg_scale != 1``).
+    in order; ``negative``: the negative prompt's (needed when ``denoiser.cfg_scale != 1``);
+    ``feather``: the regions' feather band in image px (None: 1/8 of each one's shorter side).
     ``progress(done_jobs, total_jobs)`` is called after every UNet batch; ``should_stop()`` is
     polled before every batch and raises :class:`Interrupted`.  ``unet_calls`` / ``samples``
     count UNet invocations and the rows they held, over the object's life.
@@ -121,6 +170,7 @@ class MixtureDenoiser:
         regions: Sequence[Region] = (),
         *,
         weighting: str = "gaussian",
+        feather: float | None = None,
         batch_size: int = 2,
         downscale: int = LATENT_DOWNSCALE,
         size_multiple: int = UNET_SIZE_MULTIPLE,
@@ -145,7 +195,7 @@ class MixtureDenoiser:
         self.batch_size = batch_size
         self.progress = progress
         self.should_stop = should_stop
-        self.jobs = build_jobs(plan, self.regions, weighting, downscale, size_multiple)
+        self.jobs = build_jobs(plan, self.regions, weighting, downscale, size_multiple, feather)
         self.weight_sum = self._weight_sum()
         self.unet_calls = 0
         self.samples = 0

@@ -2,6 +2,21 @@
 
 Text form: ``"x,y,w,h:prompt"`` or ``"x,y,w,h,weight:prompt"``.  Only the first ``:``
 separates the geometry from the prompt, so the prompt may itself contain ``:`` and ``,``.
+
+What a region gets (see :func:`lib_hrlr.tiling.mixture.prompt_shares`): at every pixel the
+blended estimate is ``Σ_p share_p · estimate_p`` over the global prompt and the regions, with
+
+    m_i      = region i's mask: 1 inside its rectangle, falling smoothly to 0 across a feather
+               band along the rectangle's edges (``region_feather`` px wide; default 1/8 of the
+               region's shorter side; none along an edge on the canvas border), 0 outside it
+    share_i  = weight_i · m_i / max(1, Σ_j weight_j · m_j)
+    share_0  = 1 - Σ_i share_i            (the global prompt)
+
+So with weight 1 a region's prompt holds the whole blend (share 1) inside its rectangle except
+the feather band; weight < 1 keeps that fraction (0.5: half region, half global prompt);
+weight > 1 reaches full share sooner across the band (the band looks narrower); where regions
+overlap they split the blend in proportion to their weights.  Outside every rectangle the
+result is exactly what the global prompt alone gives.
 """
 
 from __future__ import annotations
@@ -13,12 +28,19 @@ from typing import Iterable, Sequence
 from ..errors import InvalidInput
 
 PIXEL_MULTIPLE = 8
+FEATHER_FRACTION = 1 / 8  # default feather band: this fraction of the region's shorter side
+
+WEIGHT_HELP = (
+    "weight: the region prompt's share of the blend inside its rectangle. 1 = the region's prompt alone "
+    "(the global prompt is kept only in the feather band at the edges); 0.5 = half region, half global; "
+    "above 1 the region takes over sooner across the feather band; overlapping regions split by weight"
+)
 
 
 @dataclass(frozen=True)
 class Region:
     """``x, y`` top-left corner and ``w, h`` size in image pixels; ``weight`` scales the
-    region's tiles against the global prompt's where they overlap."""
+    region prompt's share of the blend (module docstring)."""
 
     x: int
     y: int
@@ -30,6 +52,26 @@ class Region:
     def latent_box(self, downscale: int = PIXEL_MULTIPLE) -> tuple[int, int, int, int]:
         """``(y, x, h, w)`` in latent pixels."""
         return self.y // downscale, self.x // downscale, self.h // downscale, self.w // downscale
+
+
+def feather_px(region: Region, feather: float | None = None) -> float:
+    """The feather band width of ``region`` in image pixels: ``feather``, or by default
+    :data:`FEATHER_FRACTION` of its shorter side."""
+    return min(region.w, region.h) * FEATHER_FRACTION if feather is None else float(feather)
+
+
+def validate_feather(feather, regions: Sequence[Region]) -> None:
+    """``feather``: None (the default) or a number of pixels >= 0 and at most half of every
+    region's shorter side (wider, the band would leave no core the region holds alone)."""
+    if feather is None:
+        return
+    if isinstance(feather, bool) or not isinstance(feather, (int, float)) or not math.isfinite(feather) or feather < 0:
+        raise InvalidInput("region_feather", f"must be a number of pixels >= 0 (or unset for 1/8 of each region's "
+                                             f"shorter side), got {feather!r}")
+    for i, r in enumerate(regions):
+        if feather > min(r.w, r.h) / 2:
+            raise InvalidInput("region_feather", f"{feather:g} px is more than half the shorter side of region[{i}] "
+                                                 f"({r.w}x{r.h} px); allowed up to {min(r.w, r.h) / 2:g} px")
 
 
 def _field(index: int | None) -> str:

@@ -35,7 +35,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--tile-batch", type=int, default=None, help="tiles per UNet call (default: what the budget allows)")
     g.add_argument("--weighting", default="gaussian", choices=None, help="gaussian (Mixture of Diffusers) or uniform (MultiDiffusion)")
     g.add_argument("--region", action="append", default=[], metavar="X,Y,W,H[,WEIGHT]:PROMPT",
-                   help="a rectangle in output pixels with its own prompt; repeatable")
+                   help="a rectangle in output pixels with its own prompt; repeatable. WEIGHT (default 1) is the "
+                        "prompt's share of the blend inside it, fading to 0 across --region-feather at its edges")
+    g.add_argument("--region-feather", type=float, default=None, metavar="PX",
+                   help="width of each region's soft edge in px (default: 1/8 of the region's shorter side; 0: hard edge)")
     g.add_argument("--vae", default="full", help="full (tiled SD VAE, exact) or taesd (fast)")
     g.add_argument("--vae-tile", type=int, default=None, help="VAE decode tile in latent px (default: from the budget)")
     g.add_argument("--vae-attention", default="global", help="global (exact) or tile (faster, approximate)")
@@ -86,6 +89,7 @@ def params_from_args(a) -> "GenerationParams":
         prompt=a.prompt, negative=a.negative, width=a.width, height=a.height, model=a.model,
         steps=a.steps, base_steps=a.base_steps, strength=a.strength, sampler=a.sampler, cfg=a.cfg,
         seed=a.seed, tile=a.tile, overlap=a.overlap, weighting=a.weighting, regions=regions,
+        region_feather=a.region_feather,
         tile_batch=a.tile_batch, vae=a.vae, vae_tile=a.vae_tile, vae_attention=a.vae_attention,
         taesd_dir=a.taesd_dir, clip_skip=a.clip_skip, dtype=a.dtype, device=a.device,
         vae_device=a.vae_device, budget_mb=a.budget_mb, spill_dir=a.spill_dir, out=a.out, report=a.report,

@@ -81,6 +81,8 @@ def test_taesd_decode(tiny, tmp_path, capsys, shared_weights):
         (["--width", "256", "--height", "256", "--overlap", "16"], "overlap: must be smaller than the tile"),
         (["--width", "256", "--height", "256", "--sampler", "heun9"], "sampler: unknown sampler 'heun9'"),
         (["--width", "256", "--height", "256", "--region", "200,0,128,64:sky"], "region[0]"),
+        (["--width", "256", "--height", "256", "--region", "0,0,64,64:sky", "--region-feather", "40"],
+         "region_feather: 40 px is more than half the shorter side of region[0]"),
         (["--width", "256", "--height", "256", "--budget-mb", "50"], "budget_mb"),
         (["--width", "256", "--height", "256", "--vae", "taesd", "--taesd-dir", "/nonexistent"], "taesd_dir"),
         (["--width", "256", "--height", "256", "--strength", "0"], "strength"),

@@ -79,6 +79,7 @@ def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: 
         "HRLR tile batch": plan.tile_batch,
         "HRLR VAE": p.vae,
         "HRLR regions": json.dumps([asdict(r) for r in p.regions]) if p.regions else None,
+        "HRLR region feather": p.region_feather,
         "HRLR budget MB": int(p.budget_mb),
         **(extra or {}),
     }
@@ -210,7 +211,7 @@ def generate(
                 step = {"i": 0}
                 mix = MixtureDenoiser(
                     den, tiles, [cond] + list(region_ctx), negative=uncond, regions=params.regions,
-                    weighting=params.weighting, batch_size=den.samples_per_job * plan.tile_batch,
+                    weighting=params.weighting, feather=params.region_feather, batch_size=den.samples_per_job * plan.tile_batch,
                     should_stop=should_stop,
                     progress=lambda done, total: prog.update(
                         step["i"] * total + done, f"step {step['i'] + 1}/{steps_total} tile {done}/{total}"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from ..config.architectures import ModelConfig
 from ..errors import InvalidInput
-from ..tiling.regions import Region, validate_regions
+from ..tiling.regions import Region, validate_feather, validate_regions
 
 WEIGHTINGS = ("gaussian", "uniform")
 VAE_MODES = ("full", "taesd")
@@ -31,6 +31,7 @@ class GenerationParams:
     overlap: int | None = None  # latent px; None = a quarter of the tile
     weighting: str = "gaussian"
     regions: tuple[Region, ...] = ()
+    region_feather: float | None = None  # px of each region's soft edge; None = 1/8 of its shorter side
     tile_batch: int | None = None  # tiles per UNet call; None = as many as the budget allows
     vae: str = "full"
     vae_tile: int | None = None  # latent px per decoder tile; None = from the budget
@@ -119,6 +120,7 @@ def validate(p: GenerationParams, model: ModelConfig) -> None:
     if not p.out.lower().endswith(".png"):
         raise InvalidInput("out", f"must be a .png path, got '{p.out}'")
     validate_regions(p.regions, p.width, p.height)
+    validate_feather(p.region_feather, p.regions)
     from ..sampling.samplers import get_sampler
 
     get_sampler(p.sampler)

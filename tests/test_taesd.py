@@ -1,5 +1,6 @@
 """TAESD: the real weights, exact tiling, and memory that does not grow with the image."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -68,27 +69,61 @@ def test_loader_refuses_wrong_files(shared_weights, tmp_path):
         load_taesd_encoder(junk)
 
 
-def _moves(model, x, cols, core):
-    """Largest change of output columns ``core`` when input columns ``cols`` change."""
-    y = x.clone()
-    y[..., cols] += 1.0
-    with torch.inference_mode():
-        return (model(y)[..., core[0]:core[1]] - model(x)[..., core[0]:core[1]]).abs().max().item()
+def _column_dependence(model, x, core):
+    """How much output columns ``core[0]:core[1]`` depend on each input column: the absolute
+    input gradient of a random projection of those outputs, summed over rows and channels, in
+    float64 (exact zeros come from the network's wiring, not from rounding)."""
+    x = x.double().requires_grad_(True)
+    y = model(x)[..., core[0]:core[1]]
+    g = torch.Generator().manual_seed(1)
+    (y * torch.rand(y.shape, generator=g, dtype=torch.float64)).sum().backward()
+    return x.grad.abs().sum(dim=(0, 1, 2))
 
 
-def test_receptive_halo_is_exactly_what_the_networks_depend_on(taesd):
-    enc, dec = taesd
-    assert receptive_halo(dec) == (19, 19)
-    assert receptive_halo(enc) == (145, 138)
-    torch.manual_seed(0)
-    # decoder: the output of latent columns 40..43 depends on latent columns 21..62, only
-    z, core, lo, hi = torch.randn(1, 4, 2, 84) * 0.5, (8 * 40, 8 * 44), 40 - 19, 43 + 19
-    assert _moves(dec, z, [c for c in range(84) if c < lo or c > hi], core) == 0.0
-    assert _moves(dec, z, [lo], core) > 0.0 and _moves(dec, z, [hi], core) > 0.0
+def _positive_copy(model):
+    """The same wiring with every weight positive and no bias: with a positive input every
+    activation is positive, no ReLU is inactive and no sum can cancel, so an input column
+    reaches an output column exactly when the convolutions connect them."""
+    net = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(p.abs() + 1e-3 if name.endswith("weight") else torch.zeros_like(p))
+    return net
+
+
+def _dependence_span(dep):
+    nz = torch.nonzero(dep).flatten()
+    return nz.min().item(), nz.max().item()
+
+
+@pytest.mark.parametrize("which, shape, core, halo", [
+    # decoder: the output of latent columns 40..43 (image columns 320..351) depends on latent
+    # columns 21..62, only
+    ("decoder", (1, 4, 2, 84), (8 * 40, 8 * 44), (19, 19)),
     # encoder: latent columns 40..43 (image columns 320..351) depend on image columns 175..489, only
-    img, core, lo, hi = torch.rand(1, 3, 16, 672), (40, 44), 320 - 145, 351 + 138
-    assert _moves(enc, img, [c for c in range(672) if c < lo or c > hi], core) == 0.0
-    assert _moves(enc, img, [lo], core) > 0.0 and _moves(enc, img, [hi], core) > 0.0
+    ("encoder", (1, 3, 16, 672), (40, 44), (145, 138)),
+])
+def test_receptive_halo_is_exactly_what_the_networks_depend_on(taesd, which, shape, core, halo):
+    enc, dec = taesd
+    model = dec if which == "decoder" else enc
+    assert receptive_halo(model) == halo
+    first, last = (core[0] // 8, core[1] // 8 - 1) if which == "decoder" else (8 * core[0], 8 * core[1] - 1)
+    lo, hi = first - halo[0], last + halo[1]
+    # the wiring: a positive copy depends on every column in [lo, hi] and on none outside
+    torch.manual_seed(0)
+    x = torch.rand(shape, dtype=torch.float64) + 0.1
+    assert _dependence_span(_column_dependence(_positive_copy(model), x, core)) == (lo, hi)
+    # the real weights: nothing outside [lo, hi] matters for any input, and each edge column
+    # matters for some input (a single input can leave an edge path behind inactive ReLUs)
+    model, edge_seen = copy.deepcopy(model).double(), [False, False]
+    for seed in range(8):
+        torch.manual_seed(seed)
+        x = torch.randn(shape) * 0.5 if which == "decoder" else torch.rand(shape)
+        dep = _column_dependence(model, x, core)
+        a, b = _dependence_span(dep)
+        assert lo <= a and b <= hi, f"seed {seed}: depends on columns {a}..{b}, outside {lo}..{hi}"
+        edge_seen = [edge_seen[0] or dep[lo] > 0, edge_seen[1] or dep[hi] > 0]
+    assert edge_seen == [True, True]
 
 
 class TensorSource:

@@ -43,7 +43,11 @@ def _add_generate(sub) -> None:
     g.add_argument("--vae-tile", type=int, default=None, help="VAE decode tile in latent px (default: from the budget)")
     g.add_argument("--vae-attention", default="global", help="global (exact) or tile (faster, approximate)")
     g.add_argument("--taesd-dir", default=None, help="folder with taesd_encoder/decoder.safetensors (or $HRLR_TAESD_DIR)")
-    g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--clip-skip", type=int, default=1, help="as the webui: 1 = last CLIP layer, 2 = penultimate")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA (kohya/webui or diffusers/PEFT .safetensors/.pt) merged as weights stream in; repeatable")
+    g.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="textual-inversion file or folder; its file stem used as a word in the prompt expands; repeatable")
     g.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CPUs with AVX512-BF16, else fp32; fp16 on CUDA)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--vae-device", default="cpu", help="where the VAE runs (cpu keeps VRAM for the UNet)")
@@ -82,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def params_from_args(a) -> "GenerationParams":
     from .pipeline.params import GenerationParams
+    from .text.extra_networks import parse_lora_option
     from .tiling.regions import parse_region
 
     regions = tuple(parse_region(s, index=i) for i, s in enumerate(a.region))
@@ -93,6 +98,7 @@ def params_from_args(a) -> "GenerationParams":
         tile_batch=a.tile_batch, vae=a.vae, vae_tile=a.vae_tile, vae_attention=a.vae_attention,
         taesd_dir=a.taesd_dir, clip_skip=a.clip_skip, dtype=a.dtype, device=a.device,
         vae_device=a.vae_device, budget_mb=a.budget_mb, spill_dir=a.spill_dir, out=a.out, report=a.report,
+        loras=tuple(parse_lora_option(s, "lora") for s in a.lora), embeddings=tuple(a.embedding),
     )
 
 
@@ -104,6 +110,10 @@ def run_generate(a) -> int:
 
     tune_allocator()
     params = params_from_args(a)
+    from .text.extra_networks import with_prompt_loras
+
+    for w in with_prompt_loras(params, None)[1]:  # the CLI takes LoRAs from --lora only
+        print(f"warning: {w}; pass the file with --lora FILE[:WEIGHT]", file=sys.stderr)
     with MemoryMeter() as meter:
         result = generate(params, meter=meter, progress=None if a.quiet else TerminalBar(),
                           log=None if a.quiet else (lambda s: print(s, file=sys.stderr)))

@@ -12,10 +12,16 @@ numbers (dtype, device, weight cache) and offers:
 * ``encode_text(prompts, clip_skip)`` — one float32 ``(1, 77k, ctx)`` conditioning per prompt;
 * ``unet()`` — a context manager yielding ``eps(x, t, context)``;
 * ``decode(latent, ...)`` / ``encode(source, ...)`` — tiled VAE passes on *scaled* latents.
+
+A backend with ``applies_networks = True`` honours ``RunSettings.loras`` and
+``RunSettings.embeddings`` (LoRA merged as weights stream in, textual-inversion vectors in
+the prompts) and lists what it skipped in ``warnings``; others (a resident webui model, which
+applies the webui's own networks) refuse a run that asks for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
 
@@ -40,6 +46,8 @@ class RunSettings:
     taesd_dir: str | None = None
     spill_dir: str | None = None
     vae_attention: str = "global"
+    loras: tuple = ()  # LoraSpec, applied by backends with applies_networks
+    embeddings: tuple[str, ...] = ()  # textual-inversion files or folders
 
 
 class Backend(Protocol):
@@ -67,6 +75,7 @@ class CheckpointBackend:
 
     resident_mb = 0.0
     model_dtype = None
+    applies_networks = True
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -74,24 +83,45 @@ class CheckpointBackend:
         self.name = ckpt.name
         self.settings: RunSettings | None = None
         self.meter: MemoryMeter | None = None
+        self.loras = None  # LoraSet of the run
+        self.embeddings: dict | None = None  # name -> vectors
+        self.warnings: list[str] = []
 
     @property
     def hash(self) -> str:
         return self.ckpt.sha256_short
 
     def prepare(self, settings: RunSettings, meter: MemoryMeter | None) -> None:
+        """Also parses the run's LoRA files (headers only) and reads its embeddings: a file
+        that does not fit the model fails here, before any network runs."""
+        from ..text.embeddings import load_embeddings
+        from ..weights.lora import load_loras
+
         self.settings, self.meter = settings, meter
+        self.loras = load_loras(settings.loras, self.config)
+        found = load_embeddings(settings.embeddings, self.config.text.hidden_size) if settings.embeddings else None
+        self.embeddings = found.vectors() if found is not None else None
+        self.warnings = list(self.loras.warnings) + (list(found.warnings) if found is not None else [])
+
+    def _merger(self, component: str):
+        merger = self.loras.merger(component) if self.loras is not None else None
+        return merger if merger is not None else contextlib.nullcontext()
 
     def unet_total_mb(self, dtype: torch.dtype) -> float:
         return components.component_mb(self.ckpt, "unet", dtype)
 
     def encode_text(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
         s = self.settings
-        return components.encode_text(self.ckpt, prompts, clip_skip, s.dtype, s.device, s.cache_bytes)
+        with self._merger("text") as merge:
+            return components.encode_text(self.ckpt, prompts, clip_skip, s.dtype, s.device, s.cache_bytes,
+                                          transform=merge, embeddings=self.embeddings)
 
+    @contextlib.contextmanager
     def unet(self):
         s = self.settings
-        return components.unet_streamer(self.ckpt, s.dtype, s.device, s.cache_bytes, self.meter)
+        with self._merger("unet") as merge, components.unet_streamer(self.ckpt, s.dtype, s.device, s.cache_bytes,
+                                                                     self.meter, transform=merge) as eps:
+            yield eps
 
     def _vae_kw(self, should_stop) -> dict:
         s = self.settings

@@ -113,16 +113,19 @@ class DeviceModel:
 
 # ------------------------------------------------------------------------------------ text
 def encode_text(ckpt: Checkpoint, prompts: list[str], clip_skip: int, dtype: torch.dtype,
-                device: torch.device, cache_bytes: int) -> list[torch.Tensor]:
-    """Conditionings (1, 77k, hidden) float32 on the CPU, one per prompt; the encoder is gone afterwards."""
+                device: torch.device, cache_bytes: int, transform=None, embeddings=None) -> list[torch.Tensor]:
+    """Conditionings (1, 77k, hidden) float32 on the CPU, one per prompt; the encoder is gone afterwards.
+
+    ``transform``: the streamer's weight transform (a LoRA merger); ``embeddings``: name ->
+    textual-inversion vectors."""
     from ..text.clip_text import ClipTextEncoder
     from ..text.prompts import encode_prompts
 
     cfg: ModelConfig = ckpt.config
     enc = _meta(lambda: ClipTextEncoder(cfg.text))
     with torch.inference_mode(), WeightStreamer(enc, ckpt.component("text"), dtype=dtype, device=device,
-                                                cache_bytes=cache_bytes):
-        ctx = encode_prompts(_DeviceEncoder(enc, device), prompts, clip_skip=clip_skip)
+                                                cache_bytes=cache_bytes, transform=transform):
+        ctx = encode_prompts(_DeviceEncoder(enc, device), prompts, clip_skip=clip_skip, embeddings=embeddings)
     return [c.float().cpu() for c in ctx]
 
 
@@ -136,8 +139,8 @@ class _DeviceEncoder:
     def parameters(self):
         return iter(())
 
-    def __call__(self, ids, clip_skip=1):
-        return self.enc(ids.to(self.device), clip_skip=clip_skip).cpu()
+    def __call__(self, ids, clip_skip=1, token_vectors=()):
+        return self.enc(ids.to(self.device), clip_skip=clip_skip, token_vectors=token_vectors).cpu()
 
 
 # ------------------------------------------------------------------------------------ UNet
@@ -146,8 +149,10 @@ UNET_MODULE_LABELS = ("input_blocks", "middle_block", "output_blocks")
 
 @contextlib.contextmanager
 def unet_streamer(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, cache_bytes: int,
-                  meter: MemoryMeter | None = None, prefetch: bool = True):
-    """The UNet as an eps callable whose weights stream from the checkpoint; freed on exit."""
+                  meter: MemoryMeter | None = None, prefetch: bool = True, transform=None):
+    """The UNet as an eps callable whose weights stream from the checkpoint; freed on exit.
+
+    ``transform``: the streamer's weight transform (a LoRA merger, merged as layers stream in)."""
     from ..models.unet import STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS, STREAM_FF_TOKENS, UNet
 
     cfg: ModelConfig = ckpt.config
@@ -155,7 +160,8 @@ def unet_streamer(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, ca
     unet.set_chunking(STREAM_FF_TOKENS, STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS)
     on_event, flush = _streamer_events(meter, "unet")
     streamer = WeightStreamer(unet, ckpt.component("unet"), dtype=dtype, device=device, cache_bytes=cache_bytes,
-                              prefetch=prefetch, on_event=on_event, unit_types=_unet_unit_types())
+                              prefetch=prefetch, on_event=on_event, unit_types=_unet_unit_types(),
+                              transform=transform)
     labels = contextlib.ExitStack()
     if meter is not None:
         labels.enter_context(attach_module_labels(meter, unet_block_labels(unet)))

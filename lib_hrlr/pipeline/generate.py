@@ -81,6 +81,9 @@ def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: 
         "HRLR regions": json.dumps([asdict(r) for r in p.regions]) if p.regions else None,
         "HRLR region feather": p.region_feather,
         "HRLR budget MB": int(p.budget_mb),
+        "HRLR LoRA": ", ".join(f"{s.display_name}:{s.weight:g}" + ("" if s.te_weight is None else f" te {s.te_weight:g}")
+                               for s in p.loras) or None,
+        "HRLR embeddings": ", ".join(os.path.basename(e.rstrip("/\\")) for e in p.embeddings) or None,
         **(extra or {}),
     }
     return format_infotext(p.prompt, p.negative, {k: v for k, v in fields.items() if v is not None})
@@ -130,6 +133,12 @@ def generate(
         f = cfg.vae.downscale
         lh, lw = params.height // f, params.width // f
         tiles = plan_tiles(lh, lw, params.tile, params.overlap)
+        if (params.loras or params.embeddings) and not getattr(backend, "applies_networks", False):
+            from ..errors import InvalidInput
+
+            raise InvalidInput("loras" if params.loras else "embeddings",
+                               "this backend (a resident model) applies its own LoRAs and embeddings; pass them to it, "
+                               "or run from the checkpoint file")
         if params.vae == "taesd":
             components.taesd_dir(params.taesd_dir)  # fail now, not after the UNet passes
 
@@ -156,7 +165,11 @@ def generate(
         noise = NoiseSource(params.seed)
         backend.prepare(RunSettings(dtype=dtype, device=device, vae_dtype=vae_dtype, vae_device=vae_device,
                                     cache_bytes=cache_bytes, vae_mode=params.vae, taesd_dir=params.taesd_dir,
-                                    spill_dir=params.spill_dir, vae_attention=params.vae_attention), meter)
+                                    spill_dir=params.spill_dir, vae_attention=params.vae_attention,
+                                    loras=params.loras, embeddings=params.embeddings), meter)
+        stats["warnings"] = list(getattr(backend, "warnings", ()))
+        for w in stats["warnings"]:
+            say(f"warning: {w}")
 
         # 1. text encoding ---------------------------------------------------------------
         prompts = [params.prompt, params.negative] + [r.prompt for r in params.regions]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from ..config.architectures import ModelConfig
 from ..errors import InvalidInput
+from ..text.extra_networks import LoraSpec
 from ..tiling.regions import Region, validate_feather, validate_regions
 
 WEIGHTINGS = ("gaussian", "uniform")
@@ -49,6 +50,10 @@ class GenerationParams:
     spill_dir: str | None = None
     out: str = "hrlr.png"
     report: str | None = None
+    # LoRAs merged into the streamed weights (LoraSpec: file, UNet weight, text-encoder weight)
+    loras: tuple[LoraSpec, ...] = ()
+    # textual-inversion embedding files or folders (name = file stem, used as a word in prompts)
+    embeddings: tuple[str, ...] = ()
 
     def with_seed(self) -> "GenerationParams":
         """A copy with a concrete seed (a random one for -1, as the webui does)."""
@@ -113,6 +118,11 @@ def validate(p: GenerationParams, model: ModelConfig) -> None:
     if p.vae_tile is not None:
         _int_field("vae_tile", p.vae_tile, 8)
     _int_field("clip_skip", p.clip_skip, 1, model.text.num_layers)
+    for i, spec in enumerate(p.loras):
+        if not isinstance(spec, LoraSpec) or not (math.isfinite(spec.weight) and math.isfinite(spec.text_weight)):
+            raise InvalidInput(f"loras[{i}]", f"must be a LoraSpec(path, weight, te_weight) with finite weights, got {spec!r}")
+    if isinstance(p.embeddings, str) or any(not isinstance(e, str) or not e for e in p.embeddings):
+        raise InvalidInput("embeddings", f"must be a tuple of file or folder paths, got {p.embeddings!r}")
     if not (math.isfinite(p.budget_mb) and p.budget_mb > 0):
         raise InvalidInput("budget_mb", f"must be a positive number of MB, got {p.budget_mb}")
     if p.budget_scope not in ("process", "run"):

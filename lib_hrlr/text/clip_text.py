@@ -217,13 +217,21 @@ class ClipTextEncoder(nn.Module):
         del last
         return hidden, self.text_projection(pooled)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, token_vectors=()) -> torch.Tensor:
+        """``token_vectors``: ``(row, position, vectors (n, hidden))`` triples whose vectors
+        replace the token embeddings at ``position..position+n`` of ``row`` (textual-inversion
+        embeddings, :mod:`lib_hrlr.text.embeddings`), before the position embeddings are added."""
         cfg = self.config
         self._check_ids(input_ids)
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= cfg.num_layers:
             raise InvalidInput("clip_skip", f"{clip_skip!r}; an integer from 1 to {cfg.num_layers} is allowed")
         tm = self.text_model
-        x = tm.embeddings(input_ids)
+        if token_vectors:
+            from .embeddings import place_vectors
+
+            x = tm.embeddings(input_ids, place_vectors(tm.embeddings.token_embedding(input_ids), token_vectors))
+        else:
+            x = tm.embeddings(input_ids)
         for layer in tm.encoder.layers[: cfg.num_layers - clip_skip + 1]:
             x = layer(x)
         return tm.final_layer_norm(x)

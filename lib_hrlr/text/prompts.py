@@ -25,17 +25,28 @@ states are multiplied by the token weights and rescaled so that their mean is th
 before weighting (the webui's "Original" emphasis), and the chunks of a prompt are
 concatenated: ``(1, 77 * k, hidden)``, where ``k`` is the same for every prompt of the
 call (shorter prompts are completed with empty-prompt chunks).
+
+Extra-network tags (``<lora:name:0.8>``, any ``<word:args>``) are dropped before
+tokenizing, as the webui does (:mod:`lib_hrlr.text.extra_networks`).
+
+Textual-inversion embeddings (``embeddings={name: vectors (n, hidden)}``): wherever the
+token ids of an embedding's name occur in a fragment (the longest name wins), they are
+replaced by ``n`` placeholder tokens carrying the fragment's weight, and the chunk records
+a fix ``(position, name)``; an embedding never straddles two chunks (it starts a new one if
+it does not fit), and the token count counts its vectors — the webui's rules.  At encoding
+the placeholders' token embeddings are replaced by the vectors.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
 from lib_hrlr.errors import InvalidInput
+from lib_hrlr.text.extra_networks import strip_network_tags
 
 CHUNK_TOKENS = 75  # prompt tokens per chunk
 CHUNK_LENGTH = CHUNK_TOKENS + 2  # with BOS and EOS
@@ -46,6 +57,7 @@ DEFAULT_COMMA_BACKTRACK = 20
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _SPECIAL = "\\()[]:"
+EMBEDDING_PLACEHOLDER = 0  # the token id under an embedding's vectors (replaced before the encoder)
 
 
 class Tokenizer(Protocol):
@@ -71,6 +83,15 @@ class PromptChunk:
 
     tokens: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()  # (position in the 77, embedding name)
+
+
+@dataclass(frozen=True)
+class EmbeddingSlot:
+    """Where an embedding goes in a run of tokens: ``count`` vectors of ``name``."""
+
+    name: str
+    count: int
 
 
 @dataclass(frozen=True)
@@ -178,20 +199,24 @@ def _check_backtrack(comma_backtrack: int) -> None:
         raise InvalidInput("comma_backtrack", f"{comma_backtrack!r}; an integer from 0 to {CHUNK_TOKENS} is allowed")
 
 
-def chunk_tokens(fragments: Sequence[tuple[Sequence[int], float] | None], bos: int, eos: int, comma: int,
-                 comma_backtrack: int = DEFAULT_COMMA_BACKTRACK) -> list[PromptChunk]:
-    """Lay out weighted token runs in chunks; ``None`` in ``fragments`` is a BREAK."""
+def chunk_tokens(fragments: Sequence[tuple[Sequence[int | EmbeddingSlot], float] | None], bos: int, eos: int,
+                 comma: int, comma_backtrack: int = DEFAULT_COMMA_BACKTRACK) -> list[PromptChunk]:
+    """Lay out weighted token runs in chunks; ``None`` in ``fragments`` is a BREAK.
+
+    A run may hold :class:`EmbeddingSlot` items: ``count`` placeholder tokens that stay in one chunk."""
     _check_backtrack(comma_backtrack)
     chunks: list[PromptChunk] = []
     toks: list[int] = []
     ws: list[float] = []
+    fixes: list[tuple[int, str]] = []  # (index in toks, name)
     last_comma = -1
 
     def close() -> None:
-        nonlocal toks, ws, last_comma
+        nonlocal toks, ws, fixes, last_comma
         pad = CHUNK_TOKENS - len(toks)
-        chunks.append(PromptChunk(tuple([bos, *toks, *[eos] * pad, eos]), tuple([1.0, *ws, *[1.0] * pad, 1.0])))
-        toks, ws, last_comma = [], [], -1
+        chunks.append(PromptChunk(tuple([bos, *toks, *[eos] * pad, eos]), tuple([1.0, *ws, *[1.0] * pad, 1.0]),
+                                  tuple((i + 1, name) for i, name in fixes)))
+        toks, ws, fixes, last_comma = [], [], [], -1
 
     for frag in fragments:
         if frag is None:
@@ -205,11 +230,21 @@ def chunk_tokens(fragments: Sequence[tuple[Sequence[int], float] | None], bos: i
                   and CHUNK_TOKENS - last_comma <= comma_backtrack):
                 cut = last_comma + 1
                 moved_t, moved_w = toks[cut:], ws[cut:]
-                toks, ws = toks[:cut], ws[:cut]
+                moved_f = [(i - cut, name) for i, name in fixes if i >= cut]
+                toks, ws, fixes = toks[:cut], ws[:cut], [f for f in fixes if f[0] < cut]
                 close()
-                toks, ws = moved_t, moved_w
+                toks, ws, fixes = moved_t, moved_w, moved_f
             if len(toks) == CHUNK_TOKENS:
                 close()
+            if isinstance(t, EmbeddingSlot):
+                if t.count > CHUNK_TOKENS:
+                    raise InvalidInput("embedding", f"{t.name!r} has {t.count} vectors; at most {CHUNK_TOKENS} fit in a chunk")
+                if len(toks) + t.count > CHUNK_TOKENS:
+                    close()
+                fixes.append((len(toks), t.name))
+                toks.extend([EMBEDDING_PLACEHOLDER] * t.count)
+                ws.extend([weight] * t.count)
+                continue
             toks.append(t)
             ws.append(weight)
     if toks or not chunks:
@@ -222,28 +257,65 @@ def empty_chunk(bos: int, eos: int) -> PromptChunk:
     return PromptChunk(tuple([bos] + [eos] * (CHUNK_LENGTH - 1)), tuple([1.0] * CHUNK_LENGTH))
 
 
-def tokenize_prompt(tokenizer: Tokenizer, text: str,
-                    comma_backtrack: int = DEFAULT_COMMA_BACKTRACK) -> TokenizedPrompt:
-    """One prompt to its chunks of token ids and weights."""
-    runs: list[tuple[list[int], float] | None] = []
+class EmbeddingLookup:
+    """Finds embedding names in token ids: the names tokenized once, keyed by their first id."""
+
+    def __init__(self, tokenizer: Tokenizer, counts: Mapping[str, int]):
+        self.by_first: dict[int, list[tuple[tuple[int, ...], str, int]]] = {}
+        for name, n in counts.items():
+            ids = tuple(tokenizer.encode(name))
+            if ids:
+                self.by_first.setdefault(ids[0], []).append((ids, name, int(n)))
+        for entries in self.by_first.values():
+            entries.sort(key=lambda e: -len(e[0]))
+
+    def expand(self, ids: Sequence[int]) -> list[int | EmbeddingSlot]:
+        out: list[int | EmbeddingSlot] = []
+        i = 0
+        while i < len(ids):
+            hit = next((e for e in self.by_first.get(ids[i], ()) if tuple(ids[i:i + len(e[0])]) == e[0]), None)
+            if hit is None:
+                out.append(ids[i])
+                i += 1
+            else:
+                out.append(EmbeddingSlot(hit[1], hit[2]))
+                i += len(hit[0])
+        return out
+
+
+def _counts(embeddings: Mapping | None) -> dict[str, int]:
+    return {n: (v if isinstance(v, int) else int(v.shape[0])) for n, v in (embeddings or {}).items()}
+
+
+def tokenize_prompt(tokenizer: Tokenizer, text: str, comma_backtrack: int = DEFAULT_COMMA_BACKTRACK,
+                    embeddings: Mapping | EmbeddingLookup | None = None) -> TokenizedPrompt:
+    """One prompt to its chunks of token ids and weights.
+
+    ``embeddings``: name -> vectors (or vector count), or a ready :class:`EmbeddingLookup`."""
+    lookup = embeddings if isinstance(embeddings, EmbeddingLookup) or embeddings is None else \
+        EmbeddingLookup(tokenizer, _counts(embeddings))
+    runs: list[tuple[list, float] | None] = []
     count = 0
-    for frag in parse_emphasis(text):
+    for frag in parse_emphasis(strip_network_tags(text)):
         if frag.is_break:
             runs.append(None)
         else:
             ids = tokenizer.encode(frag.text)
-            count += len(ids)
-            runs.append((ids, frag.weight))
+            items = lookup.expand(ids) if lookup is not None and lookup.by_first else ids
+            count += sum(t.count if isinstance(t, EmbeddingSlot) else 1 for t in items)
+            runs.append((items, frag.weight))
     chunks = chunk_tokens(runs, tokenizer.bos_id, tokenizer.eos_id, tokenizer.comma_id, comma_backtrack)
     return TokenizedPrompt(text, tuple(chunks), count)
 
 
 def tokenize_prompts(tokenizer: Tokenizer, prompts: Sequence[str],
-                     comma_backtrack: int = DEFAULT_COMMA_BACKTRACK) -> list[TokenizedPrompt]:
+                     comma_backtrack: int = DEFAULT_COMMA_BACKTRACK,
+                     embeddings: Mapping | None = None) -> list[TokenizedPrompt]:
     """Several prompts, every one completed with empty chunks to the same chunk count."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise InvalidInput("prompts", "must be a non-empty list of strings")
-    done = [tokenize_prompt(tokenizer, p, comma_backtrack) for p in prompts]
+    lookup = EmbeddingLookup(tokenizer, _counts(embeddings)) if embeddings else None
+    done = [tokenize_prompt(tokenizer, p, comma_backtrack, lookup) for p in prompts]
     k = max(len(p.chunks) for p in done)
     pad = empty_chunk(tokenizer.bos_id, tokenizer.eos_id)
     return [TokenizedPrompt(p.text, p.chunks + (pad,) * (k - len(p.chunks)), p.token_count) for p in done]
@@ -267,19 +339,22 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def encode_prompts(encoder, prompts: Sequence[str], clip_skip: int = 1, *, tokenizer: Tokenizer | None = None,
-                   comma_backtrack: int = DEFAULT_COMMA_BACKTRACK) -> list[torch.Tensor]:
+                   comma_backtrack: int = DEFAULT_COMMA_BACKTRACK,
+                   embeddings: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Condition tensors ``(1, 77 * k, hidden)``, one per prompt, same ``k`` for all.
 
     ``encoder(input_ids, clip_skip=...)`` is a :class:`~lib_hrlr.text.clip_text.ClipTextEncoder`
     (or anything with that call).  Each chunk index is one batched encoder call over the
     prompts; emphasis is applied per prompt and per chunk.  ``tokenizer`` defaults to
     CLIP's (:class:`~lib_hrlr.text.tokenizer.ClipTokenizer`, loaded for this call).
+    ``embeddings`` (name -> vectors (n, hidden)): chunks that use one call
+    ``encoder(ids, clip_skip=..., token_vectors=[(row, position, vectors), ...])``.
     """
     if tokenizer is None:
         from lib_hrlr.text.tokenizer import ClipTokenizer
 
         tokenizer = ClipTokenizer()
-    batch = tokenize_prompts(tokenizer, prompts, comma_backtrack)
+    batch = tokenize_prompts(tokenizer, prompts, comma_backtrack, embeddings)
     device = torch.device("cpu")
     for p in encoder.parameters():
         if p.device.type != "meta":
@@ -289,7 +364,8 @@ def encode_prompts(encoder, prompts: Sequence[str], clip_skip: int = 1, *, token
     with torch.no_grad():
         for i in range(len(batch[0].chunks)):
             ids = torch.tensor([p.chunks[i].tokens for p in batch], dtype=torch.long, device=device)
-            z = encoder(ids, clip_skip=clip_skip)
+            fixes = [(j, pos, embeddings[name]) for j, p in enumerate(batch) for pos, name in p.chunks[i].fixes]
+            z = encoder(ids, clip_skip=clip_skip, token_vectors=fixes) if fixes else encoder(ids, clip_skip=clip_skip)
             for j, p in enumerate(batch):
                 pieces[j].append(apply_emphasis(z[j:j + 1], torch.tensor(p.chunks[i].weights)))
             del z

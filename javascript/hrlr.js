@@ -18,3 +18,20 @@ function hrlr_submit() {
     res[0] = id;
     return res;
 }
+
+// the webui's paste buttons call switch_to_<tab> and recalculate_prompts_<tab> for the tab they fill
+function switch_to_hrlr() {
+    var tabs = gradioApp().querySelector('#tabs');
+    var buttons = tabs ? tabs.querySelectorAll('.tab-nav > button') : [];
+    for (var i = 0; i < buttons.length; i++) {
+        if (buttons[i].textContent.trim() === 'HighRes-LowRAM') {
+            buttons[i].click();
+            break;
+        }
+    }
+    return Array.from(arguments);
+}
+
+function recalculate_prompts_hrlr() {
+    return Array.from(arguments);
+}

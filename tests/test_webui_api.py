@@ -97,7 +97,7 @@ def test_route_returns_2048_image_with_memory_report_and_infotext_round_trips(we
     ({"sampler_name": "Nope"}, "sampler_name", "unknown sampler"),
     ({"scheduler": "Weekly"}, "scheduler", "unknown scheduler"),
     ({"overlap": 64}, "overlap", "smaller than the tile"),
-    ({"regions": [{"x": 400, "y": 0, "w": 200, "h": 104, "prompt": "a"}]}, "region[0]", "inside"),
+    ({"regions": [{"x": 400, "y": 0, "w": 200, "h": 104, "prompt": "a"}]}, "regions[0]", "inside"),
     ({"regions": [{"x": 0, "y": 0, "w": 256, "h": 256, "prompt": "a"},
                   {"x": 128, "y": 128, "w": 256, "h": 256, "prompt": "b"}]}, "region", "overlap"),
     ({"budget_mb": 10}, "budget_mb", "raise"),

@@ -70,7 +70,8 @@ def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: 
         "Size": f"{p.width}x{p.height}",
         "Model hash": model_hash,
         "Model": model_name,
-        "Denoising strength": p.strength,
+        # its own key: the webui reads "Denoising strength" as hires fix's and would switch it on
+        "HRLR guide strength": p.strength,
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
         "HRLR base steps": p.base_steps if p.base_steps not in (None, p.steps) else None,
         "HRLR tile": p.tile,

@@ -18,8 +18,8 @@ VAE_MODES = ("full", "taesd")
 @dataclass(frozen=True)
 class GenerationParams:
     prompt: str
-    width: int
-    height: int
+    width: int = 2048
+    height: int = 2048
     model: str | None = None
     negative: str = ""
     steps: int = 20

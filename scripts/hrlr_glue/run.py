@@ -1,0 +1,209 @@
+"""One HighRes-LowRAM generation inside the webui, from an :class:`HrlrRequest` (imports the webui).
+
+Everything the request can get wrong is checked before the webui's model is touched; errors
+name the request's fields (``names.api_error``).  LowRAM mode releases the webui's model for
+the run and loads it back afterwards (``lifecycle``), whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Optional
+
+from modules import devices, extra_networks, images, processing, shared
+
+from lib_hrlr.adapters.ldm import LdmBackend
+from lib_hrlr.errors import HrlrError, InvalidInput
+from lib_hrlr.image.preview import latent_preview
+from lib_hrlr.memory.meter import MemoryMeter, reset_peak_rss, rss_mb
+from lib_hrlr.pipeline.components import TAESD_FILES
+from lib_hrlr.pipeline.generate import generate
+from lib_hrlr.pipeline.params import validate, with_model_defaults
+from lib_hrlr.runtime import DTYPE_NAMES, tune_allocator
+from lib_hrlr.tiling.regions import check_disjoint
+
+from .lifecycle import current_checkpoint_info, model_config, release_webui_model, restore_webui_model
+from .names import api_error
+from .prompt_checks import lora_warnings, strip_lora
+from .request import HrlrRequest, lowram_dtype, to_params
+from .samplers import webui_sampler
+
+STAGES = ("load", "text", "base", "base decode", "guide encode", "tiled", "decode")
+
+
+@contextmanager
+def extra_networks_active(prompt: str, model):
+    """Parse ``<lora:...>`` etc. out of the prompt and activate them for the run (as txt2img
+    does, from the prompt only)."""
+    stripped, data = extra_networks.parse_prompts([prompt])
+    p = processing.StableDiffusionProcessingTxt2Img(sd_model=model, prompt=stripped[0])
+    extra_networks.activate(p, data)
+    try:
+        yield stripped[0], p.extra_generation_params
+    finally:
+        extra_networks.deactivate(p, data)
+
+
+def _text_fn(model, mapping: dict):
+    """The webui's own conditioning (emphasis, embeddings, BREAK) on prompts without
+    extra-network tags; the engine asks for the original prompts."""
+
+    def fn(prompts):
+        return model.get_learned_conditioning([mapping.get(p, p) for p in prompts])
+
+    return fn
+
+
+def webui_taesd_dir() -> Optional[str]:
+    d = os.path.join(shared.models_path, "VAE-approx")
+    ok = all(os.path.isfile(os.path.join(d, f)) for f in TAESD_FILES)
+    return d if ok else None
+
+
+def known_loras() -> Optional[set]:
+    """The LoRA names the webui's built-in Lora extension can load (None where it is absent)."""
+    networks = sys.modules.get("networks")
+    if networks is None or not hasattr(networks, "available_networks"):
+        return None
+    return set(networks.available_networks) | set(getattr(networks, "available_network_aliases", {}))
+
+
+def output_dir() -> str:
+    d = shared.opts.outdir_samples or shared.opts.outdir_txt2img_samples or "outputs/txt2img-images"
+    d = os.path.join(d, "hrlr") if not shared.opts.outdir_samples else d
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _lowram_dtype(choice: str) -> str:
+    compute = getattr(devices, "dtype_inference", None) or devices.dtype_unet
+    return lowram_dtype(choice, webui_dtype=DTYPE_NAMES.get(compute, "fp32"),
+                        precision_full=getattr(shared.cmd_opts, "precision", "") == "full",
+                        no_half=bool(getattr(shared.cmd_opts, "no_half", False)), device=devices.device.type)
+
+
+def prepare(req: HrlrRequest):
+    """Parameters, sampler and warnings for ``req``, every check done; raises HrlrError in
+    request field names."""
+    try:
+        info = current_checkpoint_info()
+        if info is None:
+            raise InvalidInput("model", "no checkpoint is selected in the webui")
+        warnings = lora_warnings(req.prompt, req.negative_prompt, [r.prompt for r in req.regions], known_loras())
+        dtype = _lowram_dtype(req.lowram_dtype) if req.lowram else "auto"
+        params = to_params(req, model=info.filename, dtype=dtype,
+                           taesd_dir=os.environ.get("HRLR_TAESD_DIR") or webui_taesd_dir())
+        # tags outside the prompt are not applied (warned above): the text encoder must not read them as words
+        params = replace(params, negative=strip_lora(params.negative),
+                         regions=tuple(replace(r, prompt=strip_lora(r.prompt)) for r in params.regions))
+        check_disjoint(params.regions)
+        cfg = model_config(info.filename)
+        validate(with_model_defaults(params, cfg), cfg)
+        params = params.with_seed()
+        spec = webui_sampler(req.sampler_name, req.scheduler, params.seed)
+    except HrlrError as e:
+        raise api_error(e) from e
+    return info, params, spec, warnings
+
+
+def run_generation(req: HrlrRequest, *, on_event=None) -> dict:
+    """One generation; returns ``{"path", "infotext", "memory", "stats", "seed", "warnings"}``.
+
+    Raises HrlrError on bad input and Interrupted when the user interrupts.  Runs inside the
+    webui's queue (callers hold it).
+    """
+    state = shared.state
+    info, params, spec, warnings = prepare(req)
+    lowram = req.lowram
+    outdir = output_dir()
+    out = os.path.join(outdir, f"{images.get_next_sequence_number(outdir, ''):05}-{params.seed}.png")
+    params = replace(params, out=out)
+
+    state.job_count = len(STAGES)
+    state.job_no = 0
+    stage_index = {name: i for i, name in enumerate(STAGES)}
+    preview_every = max(1, int(getattr(shared.opts, "show_progress_every_n_steps", 1) or 1))
+    step_counter = {"n": 0}
+
+    def progress(ev):
+        state.job_no = stage_index.get(ev.stage, state.job_no)
+        state.sampling_steps = max(1, ev.total)
+        state.sampling_step = ev.done
+        state.textinfo = f"{ev.stage} {ev.detail}".strip()
+        if on_event:
+            on_event(ev)
+
+    def preview(latent):
+        step_counter["n"] += 1
+        if shared.opts.live_previews_enable and step_counter["n"] % preview_every == 0:
+            state.assign_current_image(latent_preview(latent))
+
+    def should_stop():
+        return bool(state.interrupted or state.skipped or getattr(state, "stopping_generation", False))
+
+    # glibc keeps freed blocks below its (dynamic) mmap threshold in its heaps: streamed weights
+    # (GBs freed per UNet pass) would stay resident.  Serve big tensors by mmap from now on.
+    tune_allocator()
+    released = None
+    rss_before = rss_mb()
+    rss_idle = rss_before
+    meter = MemoryMeter(cuda_device=devices.device if devices.device.type == "cuda" else None)
+    t0 = time.perf_counter()
+    extra = {"HRLR mode": "LowRAM" if lowram else "webui model"}
+    if spec.schedule != "automatic":
+        extra["Schedule type"] = spec.schedule.title()
+    try:
+        if lowram:  # before the meter starts: the run's peak is measured from the model-less process
+            released = release_webui_model()
+        rss_idle = rss_mb()
+        reset_peak_rss()
+        meter.start()
+        if lowram:
+            extra["HRLR dtype"] = params.dtype
+            params = replace(params, device="cpu" if devices.device.type == "cpu" else "auto")
+            result = generate(params, meter=meter, progress=progress, should_stop=should_stop,
+                              sampler=spec, infotext_extra=extra, on_preview=preview)
+        else:
+            model = shared.sd_model
+            with extra_networks_active(params.prompt, model) as (stripped, net_params):
+                cfg = model_config(info.filename)
+                backend = LdmBackend(model, cfg, info.name_for_extra, info.shorthash or info.hash or "",
+                                     text_fn=_text_fn(model, {params.prompt: stripped}),
+                                     wrap_call=devices.autocast)
+                dtype = DTYPE_NAMES.get(devices.dtype_unet, "fp32")
+                run_params = replace(params, dtype=dtype, device=str(devices.device.type),
+                                     vae_device=str(devices.device.type))
+                extra["HRLR dtype"] = DTYPE_NAMES.get(backend.model_dtype, dtype)
+                extra.update({k: v for k, v in net_params.items() if isinstance(v, (str, int, float))})
+                result = generate(run_params, backend=backend, meter=meter, progress=progress,
+                                  should_stop=should_stop, sampler=spec, infotext_extra=extra, on_preview=preview)
+    except HrlrError as e:
+        raise api_error(e) from e
+    finally:
+        meter.stop()
+        if released is not None and req.restore_model:
+            warnings += restore_webui_model(released)  # raises only when the webui could not load it at all
+    report = result.report
+    # the meter's own maximum over the run: VmHWM is the process's since its last reset, which
+    # is the webui's start-up peak where the kernel refused the reset
+    peak = report["run_peak_rss_mb"]
+    report["webui"] = {
+        "rss_before_mb": round(rss_before, 1),
+        "rss_idle_mb": round(rss_idle, 1),
+        "peak_rss_mb": round(peak, 1),
+        "added_mb": round(peak - rss_idle, 1),
+        "budget_mb": params.budget_mb,
+        "lowram": lowram,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    if getattr(shared, "mem_mon", None) is not None and not getattr(shared.mem_mon, "disabled", True):
+        try:
+            report["webui"]["vram"] = shared.mem_mon.read()
+        except Exception:
+            pass
+    return {"path": result.path, "infotext": result.infotext, "memory": report, "stats": result.stats,
+            "seed": result.params.seed, "warnings": warnings}

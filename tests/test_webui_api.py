@@ -110,3 +110,46 @@ def test_bad_input_is_422_naming_the_field_and_webui_keeps_answering(webui, body
     assert detail["loc"][-1].startswith(field) and words in detail["msg"], detail
     code, _ = webui.get("/sdapi/v1/options")
     assert code == 200
+
+
+def test_accordion_args_by_name_match_positional_args_and_odd_sizes_work(webui):
+    base = {"prompt": "a red cube", "steps": 2, "width": 120, "height": 256, "seed": 5, "sampler_name": "Euler"}
+    code_p, pos = webui.post("/sdapi/v1/txt2img", dict(base, alwayson_scripts={
+        ALWAYSON: {"args": [True, 16, 8, 2, "Gaussian", "Tiled full VAE"]}}))
+    code_n, named = webui.post("/sdapi/v1/txt2img", dict(base, alwayson_scripts={
+        ALWAYSON: {"args": [{"enabled": True, "tile": 16, "overlap": 8, "tiles_per_call": 2}]}}))
+    assert code_p == 200 and code_n == 200, (pos, named)
+    a, b = (np.asarray(decode_png(r["images"][0]), dtype=np.float64) for r in (pos, named))
+    # a 15-latent-px side: the 16 px tile was rounded to 8 instead of failing
+    assert a.shape == (256, 120, 3) and np.abs(a - b).max() == 0.0
+    assert "HRLR tile: 16" in named["info"]
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"tile": 0}, "tile", "positive multiple of 8"),
+    ({"width": 100000}, "width", "at most 8192"),
+    ({"prompt": "word " * 2_000_000}, "prompt", "at most 20000 characters"),
+    ({"regions": [{"x": 0, "y": 0, "w": 8, "h": 8, "prompt": "p"}] * 17}, "regions", "at most 16"),
+    ({"cfg_scale": 99}, "cfg_scale", "between 0 and 50"),
+])
+def test_limits_are_422_in_the_apis_field_names(webui, body, field, words):
+    req = dict({"prompt": "x", "width": 512, "height": 512, "steps": 1, "send_images": False}, **body)
+    code, res = webui.post("/hrlr/v1/txt2img", req, timeout=120)
+    assert code == 422, res
+    detail = res["detail"][0]
+    assert detail["loc"][-1] == field and words in detail["msg"] and "--" not in detail["msg"], detail
+
+
+def test_route_infotext_keys_dtype_and_lora_warnings(webui):
+    code, res = webui.post("/hrlr/v1/txt2img", {
+        "prompt": "a boat <lora:no-such-lora:0.8>", "negative_prompt": "blur <lora:neg:1>", "width": 512,
+        "height": 512, "steps": 1, "seed": 3, "denoising_strength": 0.3, "lowram": True, "send_images": True})
+    assert code == 200, res
+    # guide strength under its own key: PNG Info's "Send to txt2img" must not switch hires fix on
+    assert "HRLR guide strength: 0.3" in res["info"] and "Denoising strength" not in res["info"]
+    # the harness runs the webui with --no-half --precision full: LowRAM follows it
+    assert "HRLR dtype: fp32" in res["info"]
+    assert any("no-such-lora" in w for w in res["warnings"]), res["warnings"]
+    assert any("negative prompt" in w and "neg" in w for w in res["warnings"]), res["warnings"]
+    code, again = webui.post("/sdapi/v1/txt2img", {"prompt": "after", "steps": 1, "width": 64, "height": 64})
+    assert code == 200, again

@@ -32,12 +32,17 @@ TAESD = SHARED_WEIGHTS / "taesd"
 
 
 def missing_reason() -> str | None:
+    if "HRLR_SHARED_WEIGHTS" not in os.environ and not (ROOT.parent / "shared").is_dir():
+        return (f"the checkout at {ROOT} does not sit beside shared/ and HRLR_SHARED_WEIGHTS is not set "
+                "(the webui tests need the CLIP tokenizer and TAESD files from it)")
     if not (WEBUI_DIR / "launch.py").is_file():
         return f"no AUTOMATIC1111 webui at {WEBUI_DIR} (set HRLR_WEBUI_DIR to a prepared install)"
     if not WEBUI_PYTHON.is_file():
         return f"no webui interpreter at {WEBUI_PYTHON} (set HRLR_WEBUI_PYTHON)"
     if not TOKENIZER.is_dir():
         return f"no CLIP tokenizer files at {TOKENIZER} (set HRLR_SHARED_WEIGHTS)"
+    if not TAESD.is_dir():
+        return f"no TAESD files at {TAESD} (set HRLR_SHARED_WEIGHTS)"
     return None
 
 

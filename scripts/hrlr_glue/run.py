@@ -24,6 +24,7 @@ from lib_hrlr.pipeline.components import TAESD_FILES
 from lib_hrlr.pipeline.generate import generate
 from lib_hrlr.pipeline.params import validate, with_model_defaults
 from lib_hrlr.runtime import DTYPE_NAMES, tune_allocator
+from lib_hrlr.text.extra_networks import loras_from_prompts
 from lib_hrlr.tiling.regions import check_disjoint
 
 from .lifecycle import current_checkpoint_info, model_config, release_webui_model, restore_webui_model
@@ -72,6 +73,29 @@ def known_loras() -> Optional[set]:
     return set(networks.available_networks) | set(getattr(networks, "available_network_aliases", {}))
 
 
+def lora_path(name: str) -> Optional[str]:
+    """A ``<lora:name>`` tag's file from the webui's Lora registry (None: unknown)."""
+    networks = sys.modules.get("networks")
+    if networks is None:
+        return None
+    found = getattr(networks, "available_network_aliases", {}).get(name) or \
+        getattr(networks, "available_networks", {}).get(name)
+    return getattr(found, "filename", None)
+
+
+def embedding_files(texts) -> tuple:
+    """The webui's loaded textual-inversion embeddings whose names the prompts use, as files."""
+    try:
+        from modules import sd_hijack
+
+        words = sd_hijack.model_hijack.embedding_db.word_embeddings
+    except Exception:
+        return ()
+    joined = "\n".join(texts)
+    return tuple(sorted({e.filename for name, e in words.items()
+                         if name in joined and getattr(e, "filename", None)}))
+
+
 def output_dir() -> str:
     d = shared.opts.outdir_samples or shared.opts.outdir_txt2img_samples or "outputs/txt2img-images"
     d = os.path.join(d, "hrlr") if not shared.opts.outdir_samples else d
@@ -93,13 +117,21 @@ def prepare(req: HrlrRequest):
         info = current_checkpoint_info()
         if info is None:
             raise InvalidInput("model", "no checkpoint is selected in the webui")
-        warnings = lora_warnings(req.prompt, req.negative_prompt, [r.prompt for r in req.regions], known_loras())
+        # LowRAM mode resolves the prompt's LoRAs itself (with its own warnings for unknown names)
+        warnings = lora_warnings(req.prompt, req.negative_prompt, [r.prompt for r in req.regions],
+                                 None if req.lowram else known_loras())
         dtype = _lowram_dtype(req.lowram_dtype) if req.lowram else "auto"
         params = to_params(req, model=info.filename, dtype=dtype,
                            taesd_dir=os.environ.get("HRLR_TAESD_DIR") or webui_taesd_dir())
         # tags outside the prompt are not applied (warned above): the text encoder must not read them as words
         params = replace(params, negative=strip_lora(params.negative),
                          regions=tuple(replace(r, prompt=strip_lora(r.prompt)) for r in params.regions))
+        if req.lowram:  # the webui's LoRAs and embeddings, streamed by the engine
+            found = loras_from_prompts([params.prompt], lora_path)
+            warnings += list(found.warnings)
+            texts = [params.prompt, params.negative] + [r.prompt for r in params.regions]
+            params = replace(params, loras=tuple(params.loras) + found.loras,
+                             embeddings=tuple(params.embeddings) + embedding_files(texts))
         check_disjoint(params.regions)
         cfg = model_config(info.filename)
         validate(with_model_defaults(params, cfg), cfg)

@@ -82,6 +82,8 @@ class PngInfoSend:
         elem_id = kwargs.get("elem_id")
         if elem_id in ("pnginfo_image", "pnginfo_generation_info"):
             self.components[elem_id] = component
+            if elem_id == "pnginfo_image":
+                self.button = None  # a new UI is being built ("Reload UI")
         elif elem_id == "extras_tab" and self.button is None and len(self.components) == 2:
             # inside PNG Info's row of "Send to" buttons
             self.button = gr.Button(f"Send to {TITLE}", elem_id="hrlr_send_from_pnginfo")

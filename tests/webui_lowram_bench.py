@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--vae", default="taesd", choices=("full", "taesd"))
     ap.add_argument("--budget-mb", type=float, default=800)
+    ap.add_argument("--lowram-dtype", default="bf16", choices=("webui", "bf16", "fp32"),
+                    help="LowRAM precision (the figures in the README are bf16; the tab's default, webui, "
+                         "follows --no-half: fp32)")
     ap.add_argument("--keep", help="keep the data dir here (default: a temporary one)")
     args = ap.parse_args(argv)
     why = missing_reason()
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
             "prompt": "a lighthouse on a cliff above a stormy sea at sunset", "negative_prompt": "blurry",
             "width": args.width, "height": args.height, "steps": args.steps, "seed": 1,
             "sampler_name": "DPM++ 2M", "scheduler": "Karras", "vae": args.vae, "budget_mb": args.budget_mb,
-            "lowram": True, "restore_model": False, "send_images": False}, timeout=7200)
+            "lowram": True, "lowram_dtype": args.lowram_dtype, "restore_model": False, "send_images": False},
+            timeout=7200)
         if code != 200:
             print(json.dumps(res, indent=2))
             return 1

@@ -363,3 +363,77 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         peaks.append(float(out.stdout.split()[-1]))
     print(f"text encoder peak RSS without LoRA {peaks[0]:.1f} MB, with a {lora_mb:.1f} MB LoRA {peaks[1]:.1f} MB")
     assert peaks[1] - peaks[0] < 0.25 * lora_mb
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_cli_lora_and_embedding_end_to_end(tmp_path, capsys):
+    """--lora changes the image exactly as the hand-merged checkpoint does (fp32), weight 0 and a
+    prompt tag the CLI cannot resolve change nothing, --embedding changes it, and a LoRA that
+    matches nothing exits 2 naming the file and writes nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from lib_hrlr.cli import main
+    from lib_hrlr.weights.random_checkpoint import cached_random_checkpoint
+
+    tiny = cached_random_checkpoint("tiny")
+    ckpt = open_checkpoint(tiny)
+    factors = make_factors(ckpt, seed=4, alpha=2.0)
+    lora = kohya_file(tmp_path / "style.safetensors", factors)
+    # the hand-merged copy in fp32 (the tiny cache file is fp16)
+    sd = {k: v.float() for k, v in load_file(str(tiny)).items()}
+    save_file(sd, str(tmp_path / "f32.safetensors"), metadata=_metadata(tiny))
+    merged = merged_copy(tmp_path / "f32.safetensors", tmp_path / "merged.safetensors", [(fp16_factors(factors), 0.7, 0.7)])
+    common = ["generate", "--quiet", "--budget-mb", "8000", "--width", "128", "--height", "128", "--steps", "2",
+              "--seed", "5", "--dtype", "fp32", "--prompt", "a red lighthouse"]
+
+    def run(name, *args):
+        out = tmp_path / f"{name}.png"
+        code = main(common + ["--out", str(out), *args])
+        err = capsys.readouterr().err
+        return code, out, err
+
+    def pixels(path):
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    code, plain, err = run("plain", "--model", str(tiny))
+    assert code == 0, err
+    code, with_lora, err = run("lora", "--model", str(tiny), "--lora", f"{lora}:0.7")
+    assert code == 0, err
+    code, ref, err = run("ref", "--model", str(merged.path))
+    assert code == 0, err
+    d_ref = np.abs(pixels(with_lora) - pixels(ref))
+    d_plain = np.abs(pixels(with_lora) - pixels(plain))
+    print(f"CLI --lora vs hand-merged checkpoint: max pixel diff {d_ref.max()}, mean {d_ref.mean():.4f}; "
+          f"vs no LoRA: mean {d_plain.mean():.2f}")
+    assert d_ref.max() <= 1 and d_ref.mean() < 0.2  # last-bit weight differences: some pixels one level off
+    assert d_plain.mean() > 1.0
+    assert "style:0.7" in Image.open(with_lora).info["parameters"]
+
+    code, zero, err = run("zero", "--model", str(tiny), "--lora", f"{lora}:0")
+    assert code == 0 and np.array_equal(pixels(zero), pixels(plain))
+    code, tagged, err = run("tag", "--model", str(tiny), "--prompt", "a red lighthouse <lora:style:1>")
+    assert code == 0 and "no LoRA named 'style'" in err
+    assert np.array_equal(pixels(tagged), pixels(plain))  # the tag never reaches the tokenizer
+
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    save_file({"emb_params": torch.randn(2, TINY.text.hidden_size, generator=torch.Generator().manual_seed(1))},
+              str(emb / "lighthouse.safetensors"))
+    code, with_emb, err = run("emb", "--model", str(tiny), "--embedding", str(emb))
+    assert code == 0, err
+    assert np.abs(pixels(with_emb) - pixels(plain)).mean() > 1.0
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"lora_unet_label_emb_0_0.lora_down.weight": torch.zeros(4, 2816),
+               "lora_unet_label_emb_0_0.lora_up.weight": torch.zeros(1280, 4)}, str(foreign))
+    code, out, err = run("foreign", "--model", str(tiny), "--lora", str(foreign))
+    assert code == 2 and "lora" in err and str(foreign) in err
+    assert not out.exists()
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()

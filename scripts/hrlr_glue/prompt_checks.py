@@ -14,8 +14,8 @@ _LORA = re.compile(r"<(lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
 
 
 def strip_lora(text: str) -> str:
-    """``text`` without its ``<lora:...>`` tags."""
-    return _LORA.sub("", text or "")
+    """``text`` without its ``<lora:...>`` tags (and the spaces they leave at either end)."""
+    return _LORA.sub("", text or "").strip() if _LORA.search(text or "") else text
 
 
 def lora_names(text: str) -> list[str]:

@@ -83,8 +83,8 @@ def test_cached_checkpoint_reused_and_repaired(tmp_path, monkeypatch):
     assert cached_random_checkpoint("tiny", torch.float16, seed=0) == p
     assert sha(p) == digest  # rewritten identically
     assert cached_random_checkpoint("tiny", torch.float16, seed=1).name == "tiny-fp16-seed1.safetensors"
-    with pytest.raises(InvalidInput, match="allowed are sd15, tiny"):
-        cached_random_checkpoint("sdxl")
+    with pytest.raises(InvalidInput, match="allowed are sd15, tiny, sdxl, tiny_xl"):
+        cached_random_checkpoint("sd3")
 
 
 def test_sd15_plan_matches_the_real_model_size():

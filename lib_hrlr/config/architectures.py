@@ -31,6 +31,10 @@ from dataclasses import dataclass
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+# SDXL single files (sgm / webui / ComfyUI layout): CLIP ViT-L/14 in transformers' names,
+# OpenCLIP ViT-bigG/14 in OpenCLIP's own names (see lib_hrlr.text.openclip)
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,13 @@ class ModelConfig:
         if self.text2 is None:
             return None
         return self.text2.projection_dim or self.text2.hidden_size
+
+    @property
+    def prefixes(self) -> dict[str, str]:
+        """Component -> key prefix in a single-file checkpoint of this family."""
+        if self.text2 is None:
+            return {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX}
+        return {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": SDXL_TEXT_PREFIX, "text2": SDXL_TEXT2_PREFIX}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -399,12 +399,13 @@ def _check_config(cfg: UNetConfig) -> None:
         raise InvalidInput("num_head_channels", f"{cfg.num_head_channels}; a positive integer or None is allowed")
     if cfg.adm_in_channels is not None and cfg.adm_in_channels < 1:
         raise InvalidInput("adm_in_channels", f"{cfg.adm_in_channels}; a positive integer or None is allowed")
-    for mult in cfg.channel_mult:
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
         ch = cfg.model_channels * mult
         if ch % cfg.norm_groups:
             raise InvalidInput("norm_groups", f"{cfg.norm_groups} does not divide {ch} channels")
-        if cfg.num_head_channels:
-            if ch % cfg.num_head_channels:
+        if cfg.num_head_channels:  # where there is attention: the levels that have it, and the middle
+            if (cfg.attention_levels[level] or level == last) and ch % cfg.num_head_channels:
                 raise InvalidInput("num_head_channels", f"{cfg.num_head_channels} does not divide {ch} channels")
         elif ch % cfg.num_heads:
             raise InvalidInput("num_heads", f"{cfg.num_heads} does not divide {ch} channels")

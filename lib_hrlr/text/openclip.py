@@ -24,6 +24,8 @@ OpenCLIP                                               ours
                                                        listed in the returned ``transposed`` set
 =====================================================  ==============================================
 
+Some re-saved SDXL files hold the projection as a linear layer, ``text_projection.weight``
+(proj, hidden), which is our layout already (ComfyUI reads both spellings).
 ``logit_scale`` (CLIP's contrastive temperature) is not part of the text encoder and is
 dropped, as is any key outside these patterns.
 """
@@ -75,6 +77,8 @@ def openclip_text_infos(tensors: dict[str, TensorInfo]) -> tuple[dict[str, Tenso
     for key, info in tensors.items():
         if key in _TOP_NAMES:
             out[_TOP_NAMES[key]] = info
+        elif key == PROJECTION_KEY:  # a linear layer's weight: (proj, hidden), as ours
+            out[PROJECTION_KEY] = info
         elif key == "text_projection":
             if len(info.shape) != 2:
                 raise CheckpointError("model", f"{info.name!r} has shape {list(info.shape)}; (hidden, projection) is needed")
@@ -90,3 +94,51 @@ def openclip_text_infos(tensors: dict[str, TensorInfo]) -> tuple[dict[str, Tenso
                 for proj, piece in zip("qkv", split_rows(info, 3)):
                     out[f"{base}self_attn.{proj}_proj.{leaf}"] = piece
     return out, frozenset(transposed)
+
+
+_OURS_TOP = {v: k for k, v in _TOP_NAMES.items()}
+_OURS_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_OURS_LAYER_RX = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)$")
+LOGIT_SCALE = "logit_scale"
+
+
+def openclip_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The OpenCLIP checkpoint keys and shapes of a text tower whose (our) parameter shapes
+    are ``shapes``, in our order, q/k/v packed into ``in_proj_*`` (at q's place), the
+    projection as (hidden, projection), and ``logit_scale`` () last, as SDXL files have it."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if name in _OURS_TOP:
+            out[_OURS_TOP[name]] = shape
+        elif name == PROJECTION_KEY:
+            out["text_projection"] = (shape[1], shape[0])
+        elif m := _OURS_LAYER_RX.match(name):
+            base, rest = f"transformer.resblocks.{m.group(1)}.", m.group(2)
+            if rest in _OURS_LAYER:
+                out[base + _OURS_LAYER[rest]] = shape
+            elif rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+                out[base + "attn.in_proj_" + rest.rsplit(".", 1)[1]] = (3 * shape[0], *shape[1:])
+            elif not rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                raise CheckpointError("model", f"text weight {name!r} has no OpenCLIP name")
+        else:
+            raise CheckpointError("model", f"text weight {name!r} has no OpenCLIP name")
+    out[LOGIT_SCALE] = ()
+    return out
+
+
+def openclip_origin(name: str) -> tuple[str, int | None, bool]:
+    """Where our text weight ``name`` lies in an OpenCLIP checkpoint: (key, index of the
+    q/k/v third of the packed ``in_proj_*`` or None, stored transposed)."""
+    if name in _OURS_TOP:
+        return _OURS_TOP[name], None, False
+    if name == PROJECTION_KEY:
+        return "text_projection", None, True
+    if m := _OURS_LAYER_RX.match(name):
+        base, rest = f"transformer.resblocks.{m.group(1)}.", m.group(2)
+        if rest in _OURS_LAYER:
+            return base + _OURS_LAYER[rest], None, False
+        for i, proj in enumerate("qkv"):
+            for leaf in ("weight", "bias"):
+                if rest == f"self_attn.{proj}_proj.{leaf}":
+                    return f"{base}attn.in_proj_{leaf}", i, False
+    raise CheckpointError("model", f"text weight {name!r} has no OpenCLIP name")

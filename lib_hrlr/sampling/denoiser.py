@@ -31,6 +31,10 @@ class EpsDenoiser:
     the uncond half is skipped (guidance would cancel it).
 
     :meth:`denoise_batch` is the batched primitive :class:`MixtureDenoiser` builds on.
+
+    SDXL: ``added`` / ``added_uncond`` are the UNet's ``(1, adm)`` ADM vectors for the prompt
+    and the negative (:func:`~lib_hrlr.models.unet.adm_vector`); the UNet is then called as
+    ``unet(x, timesteps, context, y)``.
     ``unet_calls`` / ``samples`` count UNet invocations and the samples (batch rows) they held.
     """
 
@@ -42,6 +46,8 @@ class EpsDenoiser:
         uncond: torch.Tensor | None = None,
         cfg_scale: float = 7.0,
         dtype: torch.dtype = torch.float32,
+        added: torch.Tensor | None = None,
+        added_uncond: torch.Tensor | None = None,
     ):
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
             raise InvalidInput("cfg_scale", f"must be a finite number, got {cfg_scale!r}")
@@ -53,6 +59,8 @@ class EpsDenoiser:
         self.uncond = uncond
         self.cfg_scale = float(cfg_scale)
         self.dtype = dtype
+        self.added = added
+        self.added_uncond = added_uncond
         self.unet_calls = 0
         self.samples = 0
 
@@ -69,13 +77,18 @@ class EpsDenoiser:
         self.unet_calls = 0
         self.samples = 0
 
-    def eps(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """One UNet call on ``x`` (float32, B rows) at one noise level; returns float32 eps."""
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+            y: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet call on ``x`` (float32, B rows) at one noise level; returns float32 eps.
+        ``y``: SDXL's (B, adm) ADM vectors, passed to the UNet as its fourth argument."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(())
         c_in = torch.rsqrt(sigma.double() ** 2 + 1.0).float()
         t = self.schedule.sigma_to_t(sigma.double()).float().to(x.device)
         timesteps = t.expand(x.shape[0]).contiguous()
-        out = self.unet((x * c_in).to(self.dtype), timesteps, context.to(device=x.device, dtype=self.dtype))
+        args = [(x * c_in).to(self.dtype), timesteps, context.to(device=x.device, dtype=self.dtype)]
+        if y is not None:
+            args.append(y.to(device=x.device, dtype=self.dtype))
+        out = self.unet(*args)
         self.unet_calls += 1
         self.samples += int(x.shape[0])
         if out.shape != x.shape:
@@ -88,10 +101,13 @@ class EpsDenoiser:
         sigma: torch.Tensor,
         conds: torch.Tensor,
         uncond: torch.Tensor | None = None,
+        added: torch.Tensor | None = None,
+        added_uncond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Guided denoised estimates of N crops in one UNet call of ``samples_per_job * N`` rows.
 
-        ``x`` float32 (N, C, h, w); ``conds`` (N, T, ctx); ``uncond`` (1 or N, T, ctx).
+        ``x`` float32 (N, C, h, w); ``conds`` (N, T, ctx); ``uncond`` (1 or N, T, ctx);
+        SDXL: ``added`` / ``added_uncond`` (1 or N, adm).
         """
         if x.dtype != torch.float32:
             raise InvalidInput("x", f"latents must be float32, got {x.dtype}")
@@ -108,10 +124,15 @@ class EpsDenoiser:
                     f"conditioning shape {tuple(uncond.shape[1:])} differs from the prompt's {tuple(conds.shape[1:])}",
                 )
             unconds = uncond.expand(n, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
-            eps = self.eps(torch.cat([x, x]), sigma, torch.cat([conds, unconds.to(conds.dtype)]))
+            y = None
+            if added is not None:
+                if added_uncond is None:
+                    raise InvalidInput("negative_prompt", "SDXL guidance needs the negative prompt's pooled embedding")
+                y = torch.cat([added.expand(n, -1), added_uncond.expand(n, -1)])
+            eps = self.eps(torch.cat([x, x]), sigma, torch.cat([conds, unconds.to(conds.dtype)]), y)
             eps = self.guide(eps[:n], eps[n:])
         else:
-            eps = self.eps(x, sigma, conds)
+            eps = self.eps(x, sigma, conds, None if added is None else added.expand(n, -1))
         return self.to_denoised(x, sigma, eps)
 
     def guide(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
@@ -127,7 +148,7 @@ class EpsDenoiser:
         if self.cond is None:
             raise InvalidInput("prompt", "this denoiser was built without a conditioning")
         conds = self.cond.expand(x.shape[0], *self.cond.shape[1:]) if self.cond.shape[0] == 1 else self.cond
-        return self.denoise_batch(x, sigma, conds, self.uncond)
+        return self.denoise_batch(x, sigma, conds, self.uncond, self.added, self.added_uncond)
 
 
 def stack_contexts(contexts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -157,7 +157,10 @@ class MixtureDenoiser:
     in order; ``negative``: the negative prompt's (needed when ``denoiser.cfg_scale != 1``);
     ``feather``: the regions' feather band in image px (None: 1/8 of each one's shorter side).
     ``progress(done_jobs, total_jobs)`` is called after every UNet batch; ``should_stop()`` is
-    polled before every batch and raises :class:`Interrupted`.  ``unet_calls`` / ``samples``
+    polled before every batch and raises :class:`Interrupted`.  SDXL: ``added(crop, prompt)``
+    gives the UNet's ``(1, adm)`` ADM row of a crop for a prompt index (None: the negative),
+    e.g. :class:`~lib_hrlr.sampling.micro_conditioning.AddedConditioning` (per-tile
+    micro-conditioning).  ``unet_calls`` / ``samples``
     count UNet invocations and the rows they held, over the object's life.
     """
 
@@ -176,6 +179,7 @@ class MixtureDenoiser:
         size_multiple: int = UNET_SIZE_MULTIPLE,
         progress: Optional[Callable[[int, int], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
+        added: Optional[Callable[[Tile, Optional[int]], torch.Tensor]] = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInput("batch_size", f"must be a positive integer, got {batch_size!r}")
@@ -195,6 +199,7 @@ class MixtureDenoiser:
         self.batch_size = batch_size
         self.progress = progress
         self.should_stop = should_stop
+        self.added = added
         self.jobs = build_jobs(plan, self.regions, weighting, downscale, size_multiple, feather)
         self.weight_sum = self._weight_sum()
         self.unet_calls = 0
@@ -257,7 +262,10 @@ class MixtureDenoiser:
                 chunk = rows[b : b + self.batch_size]
                 xb = torch.cat([x[(slice(None), slice(None)) + self.jobs[j].crop.slices()] for j, _ in chunk])
                 cb = torch.cat([neg if u else ctx[self.jobs[j].prompt : self.jobs[j].prompt + 1] for j, u in chunk])
-                eps = den.eps(xb, sigma, cb)
+                yb = None
+                if self.added is not None:
+                    yb = torch.cat([self.added(self.jobs[j].crop, None if u else self.jobs[j].prompt) for j, u in chunk])
+                eps = den.eps(xb, sigma, cb, yb)
                 self.unet_calls += 1
                 self.samples += len(chunk)
                 for r, (j, u) in enumerate(chunk):

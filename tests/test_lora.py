@@ -315,12 +315,16 @@ def test_pinned_cache_holds_merged_weights_and_memory_grows_only_by_merge_scratc
             assert merger.merges == len(UNET_LAYERS)  # every unit pinned in the first pass: merged once
         elif cache == 0:
             assert merger.merges == 3 * len(UNET_LAYERS)
-    # the merge itself holds one layer's factors (float32) at a time, plus a row block for non-fp32 weights
+    # the merge itself holds one layer's factors at a time: float32 plus a copy in the compute dtype
+    # (plus a float32 row block for fp16 weights on the CPU)
     largest = max((d.numel() + u.numel()) * 4 for d, u, _ in factors.values())
     with loras.merger("unet") as merger:
         unet_out(ckpt, merger, dtype=torch.bfloat16)
     print(f"merge scratch peak {merger.peak_scratch_bytes} B; largest layer factors fp32 {largest} B; "
           f"LoRA file factors {loras.nbytes} B")
+    assert 0 < merger.peak_scratch_bytes <= 1.5 * largest
+    with loras.merger("unet") as merger:
+        unet_out(ckpt, merger, dtype=torch.float16)
     assert 0 < merger.peak_scratch_bytes <= largest + merger.block_bytes
 
 

@@ -26,10 +26,11 @@ components) it changes.  The weight update is the usual
 applied by :class:`LoraMerger`, a :data:`~lib_hrlr.weights.streaming.WeightTransform`: the
 streamer calls it on every tensor right after reading it, in the compute dtype, so pinned
 (cached) units hold merged weights like streamed ones.  The factors are read from the LoRA
-file at that moment (page cache), in row blocks of at most ``MERGE_BLOCK_BYTES``, so the
-process holds no more than one layer's factors plus one block at a time: memory does not
-grow with the number or size of the LoRAs.  Several LoRAs on one layer are summed in float32
-before the result is rounded once to the compute dtype.
+file at that moment (page cache), so the process holds no more than one layer's factors (in
+float32, plus a copy in the compute dtype) at a time: memory does not grow with the number
+or size of the LoRAs.  Several LoRAs on one layer are concatenated along the rank: one GEMM
+``W.addmm_(up, down)`` adds the sum to W and rounds once (half-precision weights on the CPU
+go through float32 row blocks of at most ``MERGE_BLOCK_BYTES`` instead).
 
 Errors (:class:`~lib_hrlr.errors.CheckpointError`, field ``lora``) name the file: a file
 whose layers match nothing of the model, factors whose shapes do not fit their layer, and
@@ -53,7 +54,7 @@ from ..errors import CheckpointError, InvalidInput
 from ..text.extra_networks import LoraSpec
 from .safetensors_file import TensorInfo, TensorSource, read_header, read_tensor
 
-MERGE_BLOCK_BYTES = 4 * 1024 * 1024  # float32 rows merged at a time when the weight is not fp32
+MERGE_BLOCK_BYTES = 4 * 1024 * 1024  # float32 rows merged at a time for fp16 weights on the CPU
 FIELD = "lora"
 
 # the factor (or alpha) a key suffix holds
@@ -371,24 +372,31 @@ class LoraMerger:
             return
         out = weight.shape[0]
         w = weight.view(out, -1)
-        factors = []
-        scratch = 0
-        for layer, mult in entries:
-            up = self._factor(layer.up, out, weight.device)  # (out, rank)
-            down = self._factor(layer.down, layer.rank, weight.device)  # (rank, k)
-            factors.append((up, down, mult * layer.scale))
-            scratch += (up.numel() + down.numel()) * 4
+        ups, downs = [], []
+        for layer, mult in entries:  # several LoRAs: one product over the concatenated ranks
+            ups.append(self._factor(layer.up, out, weight.device).mul_(mult * layer.scale))  # (out, rank)
+            downs.append(self._factor(layer.down, layer.rank, weight.device))  # (rank, k)
+        up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+        down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
+        del ups, downs
+        scratch = (up.numel() + down.numel()) * 4
         k = w.shape[1]
-        rows = out if weight.dtype == torch.float32 else max(1, self.block_bytes // (4 * k))
-        for r0 in range(0, out, rows):
-            block = w[r0 : r0 + rows]
-            acc = block if block.dtype == torch.float32 else block.float()
-            for up, down, s in factors:
-                acc.addmm_(up[r0 : r0 + rows], down, alpha=s)
-            if acc is not block:
+        if weight.dtype == torch.float16 and weight.device.type == "cpu":
+            # CPU half GEMMs are slow: float32 row blocks, rounded once
+            rows = max(1, self.block_bytes // (4 * k))
+            for r0 in range(0, out, rows):
+                block = w[r0 : r0 + rows]
+                acc = block.float()
+                acc.addmm_(up[r0 : r0 + rows], down)
                 block.copy_(acc)
-        if weight.dtype != torch.float32:
             scratch += min(rows, out) * k * 4
+        else:
+            # the GEMM adds W in float32 and rounds once (bf16: same bits as a float32 merge
+            # rounded to bf16 for all but ~1e-6 of the elements)
+            if weight.dtype != torch.float32:
+                up, down = up.to(weight.dtype), down.to(weight.dtype)
+                scratch += (up.numel() + down.numel()) * weight.dtype.itemsize
+            w.addmm_(up, down)
         with self._lock:
             self.merges += 1
             self.peak_scratch_bytes = max(self.peak_scratch_bytes, scratch)

@@ -31,6 +31,7 @@ from ..tiling.mixture import MixtureDenoiser
 from ..tiling.plan import plan_tiles
 from .params import GenerationParams, base_size, validate, with_model_defaults
 from .progress import Progress
+from .work import stage_work
 from .timing import FirstCallTimer, per_sample_seconds
 from . import components
 from .backend import Backend, CheckpointBackend, RunSettings
@@ -171,6 +172,9 @@ def generate(
         stats["warnings"] = list(getattr(backend, "warnings", ()))
         for w in stats["warnings"]:
             say(f"warning: {w}")
+
+        # expected work per stage: the run's progress and ETA weigh the stages by it
+        prog.plan(stage_work(cfg, params, n_jobs=len(tiles.tiles) + len(params.regions)))
 
         # 1. text encoding ---------------------------------------------------------------
         prompts = [params.prompt, params.negative] + [r.prompt for r in params.regions]

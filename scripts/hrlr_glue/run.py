@@ -23,6 +23,7 @@ from lib_hrlr.memory.meter import MemoryMeter, reset_peak_rss, rss_mb
 from lib_hrlr.pipeline.components import TAESD_FILES
 from lib_hrlr.pipeline.generate import generate
 from lib_hrlr.pipeline.params import validate, with_model_defaults
+from lib_hrlr.pipeline.progress import format_eta
 from lib_hrlr.runtime import DTYPE_NAMES, tune_allocator
 from lib_hrlr.text.extra_networks import loras_from_prompts
 from lib_hrlr.tiling.regions import check_disjoint
@@ -33,7 +34,16 @@ from .prompt_checks import lora_warnings, strip_lora
 from .request import HrlrRequest, lowram_dtype, to_params
 from .samplers import webui_sampler
 
-STAGES = ("load", "text", "base", "base decode", "guide encode", "tiled", "decode")
+STAGES = ("text", "base", "base decode", "guide encode", "tiled", "decode")
+PROGRESS_STEPS = 1000  # the webui's bar: sampling_step / sampling_steps of one job
+
+
+def stage_line(ev) -> str:
+    """The console line printed when a stage starts."""
+    n = STAGES.index(ev.stage) + 1 if ev.stage in STAGES else "?"
+    share = f", {100 * ev.overall:.0f}% of the run done" if ev.overall is not None else ""
+    eta = f", ETA {format_eta(ev.overall_eta_s)}" if ev.overall_eta_s is not None else ""
+    return f"HighRes-LowRAM: stage {n}/{len(STAGES)} {ev.stage}{share}{eta}"
 
 
 @contextmanager
@@ -155,16 +165,22 @@ def run_generation(req: HrlrRequest, *, on_event=None) -> dict:
     out = os.path.join(outdir, f"{images.get_next_sequence_number(outdir, ''):05}-{params.seed}.png")
     params = replace(params, out=out)
 
-    state.job_count = len(STAGES)
+    # the webui's bar and ETA follow the run's share of its expected time (stages weighted by
+    # their work, lib_hrlr.pipeline.work), not a count of stages
+    state.job_count = 1
     state.job_no = 0
-    stage_index = {name: i for i, name in enumerate(STAGES)}
+    state.sampling_steps = PROGRESS_STEPS
+    state.sampling_step = 0
     preview_every = max(1, int(getattr(shared.opts, "show_progress_every_n_steps", 1) or 1))
     step_counter = {"n": 0}
+    current = {"stage": None}
 
     def progress(ev):
-        state.job_no = stage_index.get(ev.stage, state.job_no)
-        state.sampling_steps = max(1, ev.total)
-        state.sampling_step = ev.done
+        if ev.stage != current["stage"]:  # one console line per stage, as txt2img prints its bars
+            current["stage"] = ev.stage
+            print(stage_line(ev), flush=True)
+        if ev.overall is not None:
+            state.sampling_step = min(PROGRESS_STEPS, int(PROGRESS_STEPS * ev.overall))
         state.textinfo = f"{ev.stage} {ev.detail}".strip()
         if on_event:
             on_event(ev)

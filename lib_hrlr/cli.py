@@ -1,4 +1,5 @@
-"""Command line: ``python -m lib_hrlr generate ...`` and ``python -m lib_hrlr bench ...``.
+"""Command line: ``hrlr generate|upscale|bench ...`` (or ``python -m lib_hrlr ...``), a thin layer
+over the Python API (:mod:`lib_hrlr.api`).
 
 Exit status: 0 done, 2 bad input (the message names the field), 130 interrupted, 1 anything else.
 """
@@ -13,18 +14,41 @@ if TYPE_CHECKING:
     from .pipeline.params import GenerationParams
 
 
+TXT2IMG_STRENGTH = 0.45  # generate's default; the upscaler's is lib_hrlr.api.UPSCALE_STRENGTH (0.3)
+
+
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="text to image at any size in a fixed memory budget")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--negative", default="")
     g.add_argument("--width", type=int, required=True)
     g.add_argument("--height", type=int, required=True)
+    g.add_argument("--init-image", default=None, metavar="IMAGE",
+                   help="start from this PNG/JPEG/WebP (resized to --width x --height) instead of a base image")
+    _add_run_options(g, TXT2IMG_STRENGTH, "how much the tiled pass may change the upscaled base")
+
+
+def _add_upscale(sub) -> None:
+    from .api import UPSCALE_STRENGTH
+
+    u = sub.add_parser("upscale", help="your PNG/JPEG/WebP, bigger: resized, re-detailed in tiles, in a fixed memory budget")
+    u.add_argument("image", metavar="IMAGE", help="the PNG, JPEG or WebP to upscale")
+    u.add_argument("--scale", type=float, default=None, help="2 or 4: output = scale x the input (default 2)")
+    u.add_argument("--width", type=int, default=None, help="output width instead of --scale (alone: keeps the aspect ratio)")
+    u.add_argument("--height", type=int, default=None, help="output height instead of --scale")
+    u.add_argument("--prompt", default="", help="what the image shows (helps the added detail)")
+    _add_run_options(u, UPSCALE_STRENGTH, f"how much the tiled pass may change your image (default {UPSCALE_STRENGTH}, "
+                                          f"lower than generate's {TXT2IMG_STRENGTH}; 0: only the VAE round trip)")
+
+
+def _add_run_options(g, strength: float, strength_help: str) -> None:
+    """The options generate and upscale share."""
+    g.add_argument("--negative", default="")
     g.add_argument("--model", default=None,
                    help="SD 1.x checkpoint (.safetensors, .ckpt) or diffusers folder; "
                         "without it the default hub model is used when online")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--base-steps", type=int, default=None, help="steps of the native-size base pass (default: --steps)")
-    g.add_argument("--strength", type=float, default=0.45, help="how much the tiled pass may change the upscaled base")
+    g.add_argument("--strength", type=float, default=strength, help=strength_help)
     g.add_argument("--sampler", default="dpmpp_2m_karras",
                    help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim (or the webui's names)")
     g.add_argument("--cfg", type=float, default=7.0)
@@ -39,7 +63,11 @@ def _add_generate(sub) -> None:
                         "prompt's share of the blend inside it, fading to 0 across --region-feather at its edges")
     g.add_argument("--region-feather", type=float, default=None, metavar="PX",
                    help="width of each region's soft edge in px (default: 1/8 of the region's shorter side; 0: hard edge)")
-    g.add_argument("--vae", default="full", help="full (tiled SD VAE, exact) or taesd (fast)")
+    g.add_argument("--decoder", default=None, choices=("full", "taesd"),
+                   help="full (tiled SD VAE, exact; the default) or taesd (fast)")
+    g.add_argument("--vae", default=None, metavar="FILE",
+                   help="a VAE file (single-file LDM or diffusers AutoencoderKL, .safetensors or .ckpt) replacing "
+                        "the checkpoint's own; the values full/taesd are still read as --decoder")
     g.add_argument("--vae-tile", type=int, default=None, help="VAE decode tile in latent px (default: from the budget)")
     g.add_argument("--vae-attention", default="global", help="global (exact) or tile (faster, approximate)")
     g.add_argument("--taesd-dir", default=None, help="folder with taesd_encoder/decoder.safetensors (or $HRLR_TAESD_DIR)")
@@ -53,7 +81,11 @@ def _add_generate(sub) -> None:
     g.add_argument("--vae-device", default="cpu", help="where the VAE runs (cpu keeps VRAM for the UNet)")
     g.add_argument("--budget-mb", type=float, default=800.0)
     g.add_argument("--spill-dir", default=None, help="folder for the tiled VAE's temporary files (default: system temp)")
-    g.add_argument("--out", default="hrlr.png")
+    g.add_argument("--out", default=None,
+                   help="the PNG to write (NAME-SEED.png each with --batch-count); default: "
+                        "OUTDIR/txt2img-images (img2img-, upscale-)/YYYY-MM-DD/NNNNN-SEED.png, never overwriting")
+    g.add_argument("--outdir", default="outputs", help="root of the default output folders (default: outputs)")
+    g.add_argument("--batch-count", type=int, default=1, help="images with consecutive seeds, the model opened once")
     g.add_argument("--report", default=None, help="write the memory/time report as JSON here")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -64,7 +96,10 @@ def _add_bench(sub) -> None:
     b.add_argument("--width", type=int, default=2048)
     b.add_argument("--height", type=int, default=2048)
     b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--strength", type=float, default=0.45)
+    b.add_argument("--strength", type=float, default=None, help="default 0.45 (txt2img), 0.3 (upscale)")
+    b.add_argument("--mode", default="txt2img", choices=("txt2img", "upscale"),
+                   help="txt2img: generate; upscale: hrlr upscale of --image to --width x --height")
+    b.add_argument("--image", default=None, help="with --mode upscale: the input (default: skimage's astronaut, 512²)")
     b.add_argument("--sampler", default="dpmpp_2m_karras")
     b.add_argument("--vae", default="full")
     b.add_argument("--dtype", default="auto")
@@ -77,9 +112,13 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lib_hrlr", description="HighRes-LowRAM: Stable Diffusion at 2K+ in 800 MB")
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="hrlr", description="HighRes-LowRAM: Stable Diffusion at 2K+ in 800 MB")
+    p.add_argument("--version", action="version", version=f"hrlr {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_upscale(sub)
     _add_bench(sub)
     return p
 
@@ -90,36 +129,64 @@ def params_from_args(a) -> "GenerationParams":
     from .tiling.regions import parse_region
 
     regions = tuple(parse_region(s, index=i) for i, s in enumerate(a.region))
+    decoder, vae_file = decoder_and_vae_file(a.decoder, a.vae)
     return GenerationParams(
         prompt=a.prompt, negative=a.negative, width=a.width, height=a.height, model=a.model,
         steps=a.steps, base_steps=a.base_steps, strength=a.strength, sampler=a.sampler, cfg=a.cfg,
         seed=a.seed, tile=a.tile, overlap=a.overlap, weighting=a.weighting, regions=regions,
         region_feather=a.region_feather,
-        tile_batch=a.tile_batch, vae=a.vae, vae_tile=a.vae_tile, vae_attention=a.vae_attention,
+        tile_batch=a.tile_batch, vae=decoder, vae_file=vae_file, vae_tile=a.vae_tile, vae_attention=a.vae_attention,
         taesd_dir=a.taesd_dir, clip_skip=a.clip_skip, dtype=a.dtype, device=a.device,
-        vae_device=a.vae_device, budget_mb=a.budget_mb, spill_dir=a.spill_dir, out=a.out, report=a.report,
+        vae_device=a.vae_device, budget_mb=a.budget_mb, spill_dir=a.spill_dir, out=a.out or "hrlr.png",
+        report=a.report, init_image=getattr(a, "init_image", None),
         loras=tuple(parse_lora_option(s, "lora") for s in a.lora), embeddings=tuple(a.embedding),
     )
 
 
-def run_generate(a) -> int:
+def run_generate(a, params: "GenerationParams | None" = None, kind: str | None = None) -> int:
+    from .api import run_batch
     from .memory.meter import MemoryMeter
-    from .pipeline.generate import generate
     from .pipeline.progress import TerminalBar
     from .runtime import tune_allocator
 
     tune_allocator()
-    params = params_from_args(a)
+    params = params or params_from_args(a)
     from .text.extra_networks import with_prompt_loras
 
     for w in with_prompt_loras(params, None)[1]:  # the CLI takes LoRAs from --lora only
         print(f"warning: {w}; pass the file with --lora FILE[:WEIGHT]", file=sys.stderr)
+    def log(line: str) -> None:  # with --quiet, warnings only
+        if not a.quiet or line.startswith("warning:"):
+            print(line, file=sys.stderr)
+
     with MemoryMeter() as meter:
-        result = generate(params, meter=meter, progress=None if a.quiet else TerminalBar(),
-                          log=None if a.quiet else (lambda s: print(s, file=sys.stderr)))
+        results = run_batch(params, a.batch_count, out=a.out, outdir=a.outdir, kind=kind, meter=meter, log=log,
+                            progress=None if a.quiet else TerminalBar())
     print(meter.report().table(), file=sys.stderr)
-    print(f"wrote {result.path} ({result.params.width}x{result.params.height}, seed {result.params.seed})")
+    for r in results:
+        print(f"wrote {r.path} ({r.params.width}x{r.params.height}, seed {r.seed})")
     return 0
+
+
+def decoder_and_vae_file(decoder: str | None, vae: str | None) -> tuple[str, str | None]:
+    """``--decoder`` and ``--vae``: ``--vae full|taesd`` is the old spelling of ``--decoder``;
+    any other ``--vae`` value is a VAE file."""
+    from .errors import InvalidInput
+
+    if vae in ("full", "taesd"):
+        if decoder is not None and decoder != vae:
+            raise InvalidInput("decoder", f"--decoder {decoder} and --vae {vae} (the old spelling of --decoder) disagree")
+        return vae, None
+    return decoder or "full", vae
+
+
+def run_upscale(a) -> int:
+    from .api import upscale_params
+
+    a.init_image = None
+    base = params_from_args(a)
+    params = upscale_params(a.image, scale=a.scale, width=a.width, height=a.height, strength=a.strength, params=base)
+    return run_generate(a, params, kind="upscale")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "upscale":
+            return run_upscale(args)
         from .bench.run import run_bench
 
         return run_bench(args)

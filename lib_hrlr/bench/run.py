@@ -34,9 +34,28 @@ def default_taesd_dir() -> str | None:
     return str(cand) if cand.is_dir() else None
 
 
-def child_command(a, ckpt: str, out_png: str, report: str) -> list[str]:
+def bench_image(a, folder: str) -> str:
+    """The upscale mode's input: ``--image``, else skimage's astronaut photo (512², a real
+    photo; scikit-image is a test dependency) written as a PNG into ``folder``."""
+    from ..errors import InvalidInput
+
+    if getattr(a, "image", None):
+        return a.image
+    try:
+        from skimage.data import astronaut
+    except ImportError:
+        raise InvalidInput("image", "--mode upscale needs --image PATH (or scikit-image for its astronaut photo)") from None
+    from PIL import Image
+
+    path = os.path.join(folder, "astronaut.png")
+    Image.fromarray(astronaut()).save(path)
+    return path
+
+
+def child_command(a, ckpt: str, out_png: str, report: str, image: str | None = None) -> list[str]:
+    mode = ["upscale", image] if image else ["generate"]
     cmd = [
-        sys.executable, "-m", "lib_hrlr", "generate",
+        sys.executable, "-m", "lib_hrlr", *mode,
         "--model", ckpt, "--prompt", PROMPT, "--negative", NEGATIVE,
         "--width", str(a.width), "--height", str(a.height),
         "--steps", str(a.steps), "--strength", str(a.strength), "--sampler", a.sampler,
@@ -60,6 +79,13 @@ def run_bench(a) -> int:
 
     if a.arch not in ("sd15", "tiny"):
         raise InvalidInput("arch", f"'{a.arch}' is not one of: sd15, tiny")
+    mode = getattr(a, "mode", "txt2img")
+    if mode not in ("txt2img", "upscale"):
+        raise InvalidInput("mode", f"'{mode}' is not one of: txt2img, upscale")
+    if a.strength is None:
+        from ..api import UPSCALE_STRENGTH
+
+        a.strength = UPSCALE_STRENGTH if mode == "upscale" else 0.45
     t0 = time.perf_counter()
     ckpt = str(cached_random_checkpoint(a.arch))
     print(f"checkpoint: {ckpt} ({os.path.getsize(ckpt) / 2**30:.2f} GiB, ready in {time.perf_counter() - t0:.0f} s)",
@@ -67,7 +93,7 @@ def run_bench(a) -> int:
     with tempfile.TemporaryDirectory(prefix="hrlr-bench-") as tmp:
         out_png = os.path.join(tmp, "bench.png")
         report = os.path.join(tmp, "report.json")
-        cmd = child_command(a, ckpt, out_png, report)
+        cmd = child_command(a, ckpt, out_png, report, bench_image(a, tmp) if mode == "upscale" else None)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         start = time.perf_counter()
@@ -92,6 +118,7 @@ def run_bench(a) -> int:
         for m in rep["memory"]["modules"]
     ]
     result = {
+        "mode": mode, "source_size": st.get("source_size"),
         "arch": a.arch, "width": a.width, "height": a.height, "steps": a.steps, "strength": a.strength,
         "sampler": a.sampler, "vae": a.vae, "overlap": a.overlap, "dtype": st.get("dtype"), "budget_mb": a.budget_mb,
         "tiles": st.get("tiles"), "tile_batch": st.get("tile_batch"), "unet_cache_mb": st.get("unet_cache_mb"),

@@ -19,6 +19,18 @@ from ..weights.checkpoint import Checkpoint, open_checkpoint
 from ..weights.streaming import WeightStreamer
 
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_HUB_LICENCE = "CreativeML OpenRAIL-M"
+# what the default model needs from the hub (fp32 weights; the loader reads these names)
+DEFAULT_HUB_FILES = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                     "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                     "text_encoder/model.safetensors")
+
+
+def default_model_help() -> str:
+    """How to get the default model by hand (offline), or how to use another one."""
+    return (f"pass --model PATH (an SD 1.x .safetensors/.ckpt or diffusers folder), or download "
+            f"{', '.join(DEFAULT_HUB_FILES)} from https://huggingface.co/{DEFAULT_HUB_MODEL} "
+            f"(licence {DEFAULT_HUB_LICENCE}) into one folder, keeping the subfolders, and pass --model FOLDER")
 MB = 1024 * 1024
 
 
@@ -36,22 +48,22 @@ def open_model(path: str | None) -> Checkpoint:
     except ImportError:
         raise CheckpointError(
             "model", "no --model given and huggingface_hub is not installed to fetch the default "
-                     f"'{DEFAULT_HUB_MODEL}'; pass --model PATH (SD 1.x .safetensors, .ckpt or diffusers folder)"
+                     f"'{DEFAULT_HUB_MODEL}' (pip install 'hrlr[hub]'); {default_model_help()}"
         ) from None
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         raise CheckpointError("model", f"no --model given and HF_HUB_OFFLINE is set, so the default "
-                                       f"'{DEFAULT_HUB_MODEL}' cannot be fetched; pass --model PATH")
+                                       f"'{DEFAULT_HUB_MODEL}' cannot be fetched; {default_model_help()}")
+    import sys
+
+    print(f"no --model given: fetching {DEFAULT_HUB_MODEL} (licence {DEFAULT_HUB_LICENCE}, "
+          f"https://huggingface.co/{DEFAULT_HUB_MODEL}) into the Hugging Face cache", file=sys.stderr)
     try:
-        folder = huggingface_hub.snapshot_download(
-            DEFAULT_HUB_MODEL,
-            allow_patterns=["model_index.json", "unet/*", "vae/*", "text_encoder/*"],
-            ignore_patterns=["*.bin", "*.ckpt", "*non_ema*", "*.msgpack", "*.onnx*"],
-            etag_timeout=5,
-        )
+        folder = huggingface_hub.snapshot_download(DEFAULT_HUB_MODEL, allow_patterns=list(DEFAULT_HUB_FILES),
+                                                   etag_timeout=5)
     except Exception as e:  # any network/hub failure: say so at once, with the way out
         raise CheckpointError(
             "model", f"no --model given and the default '{DEFAULT_HUB_MODEL}' could not be fetched "
-                     f"({type(e).__name__}); pass --model PATH to a local SD 1.x checkpoint"
+                     f"({type(e).__name__}); {default_model_help()}"
         ) from None
     return open_checkpoint(folder)
 
@@ -201,16 +213,11 @@ TAESD_ENCODE_TILE = 256
 
 
 def taesd_dir(explicit: str | None) -> Path:
-    """Where the TAESD weights are: ``--taesd-dir``, else ``$HRLR_TAESD_DIR``."""
-    d = explicit or os.environ.get("HRLR_TAESD_DIR")
-    if not d:
-        raise InvalidInput("taesd_dir", "--vae taesd needs the TAESD weights: pass --taesd-dir DIR (or set "
-                                        f"HRLR_TAESD_DIR) to a folder with {' and '.join(TAESD_FILES)}")
-    p = Path(d).expanduser()
-    missing = [f for f in TAESD_FILES if not (p / f).is_file()]
-    if missing:
-        raise InvalidInput("taesd_dir", f"'{p}' lacks {', '.join(missing)}")
-    return p
+    """Where the TAESD weights are: ``--taesd-dir``, else ``$HRLR_TAESD_DIR``, else the user
+    cache, fetched into it when online (:mod:`lib_hrlr.weights.taesd_files`)."""
+    from ..weights.taesd_files import find_taesd
+
+    return find_taesd(explicit)
 
 
 @contextlib.contextmanager

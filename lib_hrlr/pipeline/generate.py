@@ -29,6 +29,8 @@ from ..sampling.samplers import SamplerSpec, get_sampler
 from ..sampling import schedule as sched
 from ..tiling.mixture import MixtureDenoiser
 from ..tiling.plan import plan_tiles
+from ..errors import InvalidInput
+from ..image.init_image import InitImage, load_init_image
 from .params import GenerationParams, base_size, validate, with_model_defaults
 from .progress import Progress
 from .work import stage_work
@@ -91,6 +93,30 @@ def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: 
     return format_infotext(p.prompt, p.negative, {k: v for k, v in fields.items() if v is not None})
 
 
+def open_backend(params: GenerationParams) -> CheckpointBackend:
+    """The checkpoint of ``params.model`` (the default hub model without one), streamed, with
+    its VAE replaced by ``params.vae_file`` when given."""
+    ckpt = components.open_model(params.model)
+    vae = None
+    if params.vae_file:
+        from ..weights.vae_file import open_vae_file, with_vae_file
+
+        vae = open_vae_file(params.vae_file, ckpt.config.vae)
+        ckpt = with_vae_file(ckpt, vae)
+    backend = CheckpointBackend(ckpt)
+    backend.vae_file = vae
+    return backend
+
+
+def vae_infotext(params: GenerationParams, backend) -> dict:
+    """The webui's ``VAE hash`` / ``VAE`` fields of a run with a separate VAE file."""
+    vae = getattr(backend, "vae_file", None)
+    if params.vae_file and vae is None:
+        raise InvalidInput("vae_file", "a separate VAE file needs the model streamed from its checkpoint "
+                                       "(open_backend), not a model already loaded elsewhere")
+    return vae.infotext_fields() if vae is not None else {}
+
+
 def generate(
     params: GenerationParams,
     *,
@@ -102,8 +128,12 @@ def generate(
     sampler: SamplerSpec | None = None,
     infotext_extra: dict | None = None,
     on_preview: Callable[[torch.Tensor], None] | None = None,
+    init: InitImage | None = None,
 ) -> GenerationResult:
     """Run the whole pipeline and write ``params.out``; raise HrlrError subclasses on bad input.
+
+    With ``params.init_image`` the user's image, resized to the target, replaces the base
+    pass (``init``: that image already read, e.g. once for a batch; the caller closes it).
 
     ``backend`` supplies the networks (default: stream them from ``params.model``);
     ``sampler`` replaces the sampler named by ``params.sampler`` (e.g. the webui's own, with
@@ -116,13 +146,15 @@ def generate(
     prog = Progress(progress)
     say = log or (lambda s: None)
     stats: dict = {}
+    own_init = None
     t_start = time.perf_counter()
     try:
         device = resolve_device(params.device)
         dtype = resolve_dtype(params.dtype, device)
         with meter.stage("load"):
             if backend is None:
-                backend = CheckpointBackend(components.open_model(params.model))
+                backend = open_backend(params)
+        vae_fields = vae_infotext(params, backend)
         dtype = backend.model_dtype or dtype  # a resident model computes in its own dtype
         vae_device = resolve_device(params.vae_device)
         vae_dtype = dtype if vae_device.type == device.type else resolve_dtype(params.dtype, vae_device)
@@ -143,6 +175,13 @@ def generate(
                                "or run from the checkpoint file")
         if params.vae == "taesd":
             components.taesd_dir(params.taesd_dir)  # fail now, not after the UNet passes
+        if params.init_image is not None and init is None:  # read it now: a bad file fails before any work
+            with meter.stage("init_image"):
+                init = own_init = load_init_image(params.init_image, params.width, params.height,
+                                                  spill_dir=params.spill_dir, log=log, should_stop=should_stop)
+            trim_allocator()
+        if init is not None and (init.width, init.height) != (params.width, params.height):
+            raise InvalidInput("init_image", f"was read at {init.width}x{init.height}, the run is {params.width}x{params.height}")
 
         # a backend holding its weights already counts them in the RSS: the budget is what the
         # run adds on top of what the process holds now
@@ -195,60 +234,71 @@ def generate(
         # 2. base image at native size ---------------------------------------------------
         bw, bh = base_size(params.width, params.height, cfg.native_size)
         timed: dict = {}
-        with meter.stage("base_unet"), backend.unet() as unet:
-            den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
-            sigmas = full_sigmas(base_steps)
-            prog.stage("base", len(sigmas) - 1)
-            x = noise((1, cfg.unet.in_channels, bh // f, bw // f)) * sigmas[0]
-            base_latent = spec.fn(den, x, sigmas, noise=noise, should_stop=should_stop,
-                                  callback=lambda info: prog.update(info["i"] + 1, f"step {info['i'] + 1}"))
-            stats["base_unet_evals"] = den.samples
-        trim_allocator()
+        if init is None:
+            with meter.stage("base_unet"), backend.unet() as unet:
+                den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
+                sigmas = full_sigmas(base_steps)
+                prog.stage("base", len(sigmas) - 1)
+                x = noise((1, cfg.unet.in_channels, bh // f, bw // f)) * sigmas[0]
+                base_latent = spec.fn(den, x, sigmas, noise=noise, should_stop=should_stop,
+                                      callback=lambda info: prog.update(info["i"] + 1, f"step {info['i'] + 1}"))
+                stats["base_unet_evals"] = den.samples
+            trim_allocator()
 
-        # 3. guide: decode the base, upscale, encode at the target size, add noise -------
-        with meter.stage("base_decode"):
-            prog.stage("base decode", 1)
-            arr = backend.decode(base_latent, tile=plan.vae_tile, output="uint8", should_stop=should_stop)
-            base_image = components.spill_to_pil(arr)
-            arr.close()
-            prog.update(1)
-        trim_allocator()
+            # 3. guide: decode the base, upscale, encode at the target size, add noise -------
+            with meter.stage("base_decode"):
+                prog.stage("base decode", 1)
+                arr = backend.decode(base_latent, tile=plan.vae_tile, output="uint8", should_stop=should_stop)
+                base_image = components.spill_to_pil(arr)
+                arr.close()
+                prog.update(1)
+            trim_allocator()
+            source = UpscaledImageSource(base_image, params.width, params.height)
+        else:  # the user's image, already resized to the target, is the guide
+            stats["base_unet_evals"] = 0
+            source = init
         with meter.stage("guide_encode"):
             prog.stage("guide encode", 1)
-            source = UpscaledImageSource(base_image, params.width, params.height)
             guide = backend.encode(source, px_tile=plan.vae_tile * f, should_stop=should_stop,
                                    progress=lambda d, t: prog.update(d, "tile segments", total=t))
         trim_allocator()
 
         # 4. tiled region denoising over the full canvas ----------------------------------
-        sigmas = sched.img2img_tail(full_sigmas(params.steps), params.steps, params.strength)
-        with meter.stage("tiled_unet"):
-            with backend.unet() as unet:
-                den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
-                steps_total = len(sigmas) - 1
-                step = {"i": 0}
-                mix = MixtureDenoiser(
-                    den, tiles, [cond] + list(region_ctx), negative=uncond, regions=params.regions,
-                    weighting=params.weighting, feather=params.region_feather, batch_size=den.samples_per_job * plan.tile_batch,
-                    should_stop=should_stop,
-                    progress=lambda done, total: prog.update(
-                        step["i"] * total + done, f"step {step['i'] + 1}/{steps_total} tile {done}/{total}"),
-                )
-                prog.stage("tiled", steps_total * len(mix.jobs))
-                x = guide + noise(tuple(guide.shape)) * sigmas[0]
+        sigmas = (sched.img2img_tail(full_sigmas(params.steps), params.steps, params.strength)
+                  if params.strength > 0 else torch.zeros(1))
+        if len(sigmas) < 2:  # strength 0 (init image only): the VAE round trip of the guide
+            latent = guide
+            stats["tiled_unet_evals"] = stats["unet_calls"] = 0
+        else:
+            with meter.stage("tiled_unet"):
+                with backend.unet() as unet:
+                    den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
+                    steps_total = len(sigmas) - 1
+                    step = {"i": 0}
+                    mix = MixtureDenoiser(
+                        den, tiles, [cond] + list(region_ctx), negative=uncond, regions=params.regions,
+                        weighting=params.weighting, feather=params.region_feather, batch_size=den.samples_per_job * plan.tile_batch,
+                        should_stop=should_stop,
+                        progress=lambda done, total: prog.update(
+                            step["i"] * total + done, f"step {step['i'] + 1}/{steps_total} tile {done}/{total}"),
+                    )
+                    prog.stage("tiled", steps_total * len(mix.jobs))
+                    x = guide + noise(tuple(guide.shape)) * sigmas[0]
 
-                def on_step(info):
-                    step["i"] = info["i"] + 1
-                    if on_preview is not None:
-                        on_preview(info["x"])
+                    def on_step(info):
+                        step["i"] = info["i"] + 1
+                        if on_preview is not None:
+                            on_preview(info["x"])
 
-                latent = spec.fn(mix, x, sigmas, noise=noise, callback=on_step, should_stop=should_stop)
-                stats["tiled_unet_evals"] = den.samples
-                stats["unet_calls"] = den.unet_calls
-        trim_allocator()
+                    latent = spec.fn(mix, x, sigmas, noise=noise, callback=on_step, should_stop=should_stop)
+                    stats["tiled_unet_evals"] = den.samples
+                    stats["unet_calls"] = den.unet_calls
+            trim_allocator()
 
         # 5. decode and write ---------------------------------------------------------------
-        infotext = build_infotext(params, backend.name, backend.hash, plan, spec, infotext_extra)
+        infotext = build_infotext(params, backend.name, backend.hash, plan, spec,
+                                  {**(init.infotext_fields() if init is not None else {}), **vae_fields,
+                                   **(infotext_extra or {})})
         with meter.stage("vae_decode"):
             prog.stage("decode", 1)
             arr = backend.decode(latent, tile=plan.vae_tile, output="uint8", should_stop=should_stop,
@@ -268,8 +318,12 @@ def generate(
         stats["tile_batch"] = plan.tile_batch
         stats["unet_cache_mb"] = round(plan.unet_cache_mb, 1)
         stats["seed"] = params.seed
-        stats["base_size"] = f"{bw}x{bh}"
+        stats["base_size"] = f"{bw}x{bh}" if init is None else None
+        if init is not None:
+            stats["source_size"] = init.source_size
     finally:
+        if own_init is not None:
+            own_init.close()
         if own_meter:
             meter.stop()
     rep = meter.report().as_dict()

@@ -50,6 +50,12 @@ class GenerationParams:
     spill_dir: str | None = None
     out: str = "hrlr.png"
     report: str | None = None
+    # the user's image (PNG/JPEG/WebP) resized to width x height replaces the base pass
+    # (``hrlr upscale``, ``generate --init-image``); strength 0 is then allowed (VAE round trip)
+    init_image: str | None = None
+    # a separate VAE file (single-file LDM or diffusers AutoencoderKL; .safetensors or .ckpt)
+    # replacing the checkpoint's own for encode and decode; ``vae`` stays the decoder choice
+    vae_file: str | None = None
     # LoRAs merged into the streamed weights (LoraSpec: file, UNet weight, text-encoder weight)
     loras: tuple[LoraSpec, ...] = ()
     # textual-inversion embedding files or folders (name = file stem, used as a word in prompts)
@@ -101,7 +107,9 @@ def validate(p: GenerationParams, model: ModelConfig) -> None:
     _int_field("steps", p.steps, 1, 1000)
     if p.base_steps is not None:
         _int_field("base_steps", p.base_steps, 1, 1000)
-    if not (0.0 < p.strength <= 1.0):
+    if p.init_image is not None and not (0.0 <= p.strength <= 1.0):
+        raise InvalidInput("strength", f"must be in [0, 1] with an init image (0: the VAE round trip), got {p.strength}")
+    if p.init_image is None and not (0.0 < p.strength <= 1.0):
         raise InvalidInput("strength", f"must be in (0, 1], got {p.strength}")
     if not (math.isfinite(p.cfg) and 0.0 <= p.cfg <= 50.0):
         raise InvalidInput("cfg", f"must be between 0 and 50, got {p.cfg}")

@@ -1,0 +1,92 @@
+"""Where TAESD's two weight files come from when ``--taesd-dir`` is not given.
+
+Order: ``--taesd-dir``, ``$HRLR_TAESD_DIR``, then the user cache
+(``$HRLR_CACHE/taesd``, else ``$XDG_CACHE_HOME/hrlr/taesd``, else ``~/.cache/hrlr/taesd``).
+When the files are not there, they are fetched from the Hugging Face hub
+(``madebyollin/taesd``, MIT licence) into the cache, with huggingface_hub's progress bar,
+but only when online: without huggingface_hub, with ``HF_HUB_OFFLINE`` set, or when the
+hub cannot be reached, it fails at once and says where to put which files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import InvalidInput
+
+REPOS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
+FIELD = "taesd_dir"
+
+
+def files_of(kind: str = "taesd") -> tuple[str, str]:
+    return (f"{kind}_encoder.safetensors", f"{kind}_decoder.safetensors")
+
+
+def user_cache_dir() -> Path:
+    """``$HRLR_CACHE``, else ``$XDG_CACHE_HOME/hrlr``, else ``~/.cache/hrlr``."""
+    if os.environ.get("HRLR_CACHE"):
+        return Path(os.environ["HRLR_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "hrlr"
+
+
+def cache_folder(kind: str = "taesd") -> Path:
+    return user_cache_dir() / kind
+
+
+def _missing(folder: Path, kind: str) -> list[str]:
+    return [f for f in files_of(kind) if not (folder / f).is_file()]
+
+
+def _offline_reason() -> str | None:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        return "huggingface_hub is not installed (pip install 'hrlr[hub]')"
+    return None
+
+
+def _where_to_put(kind: str, folder: Path) -> str:
+    a, b = files_of(kind)
+    return (f"download {a} and {b} from https://huggingface.co/{REPOS[kind]} into {folder} "
+            f"(or pass --taesd-dir DIR / set HRLR_TAESD_DIR to a folder holding them)")
+
+
+def fetch(kind: str, folder: Path) -> Path:
+    """Download the two files into ``folder`` (online only); raise InvalidInput otherwise."""
+    reason = _offline_reason()
+    if reason is not None:
+        raise InvalidInput(FIELD, f"the TAESD weights are not in {folder} and {reason}: {_where_to_put(kind, folder)}")
+    from huggingface_hub import hf_hub_download
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _missing(folder, kind):
+        try:
+            hf_hub_download(REPOS[kind], name, local_dir=str(folder), etag_timeout=5)
+        except Exception as e:  # any network/hub failure: say so at once, with the way out
+            raise InvalidInput(FIELD, f"the TAESD weights are not in {folder} and fetching {name} from "
+                                      f"{REPOS[kind]} failed ({type(e).__name__}): {_where_to_put(kind, folder)}") from None
+    return folder
+
+
+def find_taesd(explicit: str | None = None, kind: str = "taesd", *, allow_fetch: bool = True) -> Path:
+    """The folder holding ``{kind}_encoder.safetensors`` and ``{kind}_decoder.safetensors``."""
+    if kind not in REPOS:
+        raise InvalidInput("taesd", f"'{kind}' is not one of: {', '.join(REPOS)}")
+    given = explicit or os.environ.get("HRLR_TAESD_DIR")
+    if given:
+        p = Path(given).expanduser()
+        missing = _missing(p, kind)
+        if missing:
+            raise InvalidInput(FIELD, f"'{p}' lacks {', '.join(missing)}")
+        return p
+    folder = cache_folder(kind)
+    if not _missing(folder, kind):
+        return folder
+    if not allow_fetch:
+        raise InvalidInput(FIELD, f"the TAESD weights are not in {folder}: {_where_to_put(kind, folder)}")
+    return fetch(kind, folder)

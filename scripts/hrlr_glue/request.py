@@ -16,8 +16,6 @@ Limits (each answered with a 422 / tab error naming the field):
 - ``tile``: a positive multiple of 8 latent px when given (``0`` is not "default").
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import math

@@ -441,3 +441,31 @@ def _metadata(path):
 
     with safe_open(str(path), "pt") as f:
         return f.metadata()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_blocks_merge_like_one_block(ckpt, tmp_path, dtype):
+    """Reading the up factor in row blocks (here 1-3 rows at a time) gives the one-block merge."""
+    a, b = make_factors(ckpt, seed=5), make_factors(ckpt, seed=6, alpha=None)
+    loras = load_loras([LoraSpec(str(kohya_file(tmp_path / "a.safetensors", a)), 0.9),
+                        LoraSpec(str(kohya_file(tmp_path / "b.safetensors", b)), -0.4)], ckpt.config)
+    entries = [(layer, spec.weight) for lora, spec in loras.items for layer in lora.layers if layer.component == "unet"]
+    g = torch.Generator().manual_seed(0)
+    for layer in {e[0].target: e[0] for e in entries}.values():
+        shape = ckpt.components["unet"][layer.target].info.shape
+        w0 = torch.randn(shape, generator=g).to(dtype)
+        merged = {}
+        for block in (64, 1 << 20):
+            w = w0.clone()
+            with LoraMerger(entries, block_bytes=block) as m:
+                m(layer.target, w)
+            merged[block] = w
+        assert torch.allclose(merged[64].float(), merged[1 << 20].float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+        ref = w0.double().view(shape[0], -1)
+        for (lay, mult) in entries:
+            if lay.target == layer.target:
+                d = load_file(lay.down.path)[lay.key + ".lora_down.weight"].double().reshape(lay.rank, -1)
+                u = load_file(lay.up.path)[lay.key + ".lora_up.weight"].double().reshape(shape[0], lay.rank)
+                ref = ref + mult * lay.scale * (u @ d)
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item()
+        assert (merged[64].double().view(shape[0], -1) - ref).abs().max().item() <= tol

@@ -26,11 +26,12 @@ components) it changes.  The weight update is the usual
 applied by :class:`LoraMerger`, a :data:`~lib_hrlr.weights.streaming.WeightTransform`: the
 streamer calls it on every tensor right after reading it, in the compute dtype, so pinned
 (cached) units hold merged weights like streamed ones.  The factors are read from the LoRA
-file at that moment (page cache), so the process holds no more than one layer's factors (in
-float32, plus a copy in the compute dtype) at a time: memory does not grow with the number
-or size of the LoRAs.  Several LoRAs on one layer are concatenated along the rank: one GEMM
-``W.addmm_(up, down)`` adds the sum to W and rounds once (half-precision weights on the CPU
-go through float32 row blocks of at most ``MERGE_BLOCK_BYTES`` instead).
+file at that moment (page cache): the whole ``down`` factor and the ``up`` factor in row blocks
+of about ``MERGE_BLOCK_BYTES`` (float32), so one merge holds a layer's ``down`` factor and one
+block (each also in the compute dtype), at most one merge per streaming thread: memory does
+not grow with the number or size of the LoRAs.  Several LoRAs on one layer are concatenated
+along the rank: one GEMM ``W.addmm_(up, down)`` per block adds their sum to W and rounds once
+(half-precision weights on the CPU go through float32 row blocks of W instead).
 
 Errors (:class:`~lib_hrlr.errors.CheckpointError`, field ``lora``) name the file: a file
 whose layers match nothing of the model, factors whose shapes do not fit their layer, and
@@ -52,9 +53,9 @@ import torch
 from ..config.architectures import ModelConfig
 from ..errors import CheckpointError, InvalidInput
 from ..text.extra_networks import LoraSpec
-from .safetensors_file import TensorInfo, TensorSource, read_header, read_tensor
+from .safetensors_file import TensorInfo, TensorSource, pread_into, read_header, read_tensor, tensor_memoryview
 
-MERGE_BLOCK_BYTES = 4 * 1024 * 1024  # float32 rows merged at a time for fp16 weights on the CPU
+MERGE_BLOCK_BYTES = 1024 * 1024  # float32 rows of the up factors (and, for fp16 on the CPU, of W) per GEMM
 FIELD = "lora"
 
 # the factor (or alpha) a key suffix holds
@@ -360,11 +361,15 @@ class LoraMerger:
             os.close(fd)
         self._fds.clear()
 
-    def _factor(self, src: TensorSource, rows: int, device: torch.device) -> torch.Tensor:
+    def _read(self, src: TensorSource, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Elements ``start .. start+count`` of a factor, flat, in float32."""
         fd = self._fds.get(src.path)
         if fd is None:
             raise RuntimeError("LoraMerger used outside its 'with' block")
-        return read_tensor(fd, src.info).to(device=device, dtype=torch.float32).reshape(rows, -1)
+        info = src.info
+        raw = torch.empty(count, dtype=info.dtype)
+        pread_into(fd, info.offset + start * info.dtype.itemsize, tensor_memoryview(raw))
+        return raw.to(device=device, dtype=torch.float32)
 
     def __call__(self, name: str, weight: torch.Tensor) -> None:
         entries = self.by_target.get(name)
@@ -372,31 +377,35 @@ class LoraMerger:
             return
         out = weight.shape[0]
         w = weight.view(out, -1)
-        ups, downs = [], []
-        for layer, mult in entries:  # several LoRAs: one product over the concatenated ranks
-            ups.append(self._factor(layer.up, out, weight.device).mul_(mult * layer.scale))  # (out, rank)
-            downs.append(self._factor(layer.down, layer.rank, weight.device))  # (rank, k)
-        up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
-        down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
-        del ups, downs
-        scratch = (up.numel() + down.numel()) * 4
         k = w.shape[1]
-        if weight.dtype == torch.float16 and weight.device.type == "cpu":
-            # CPU half GEMMs are slow: float32 row blocks, rounded once
-            rows = max(1, self.block_bytes // (4 * k))
-            for r0 in range(0, out, rows):
-                block = w[r0 : r0 + rows]
+        dev = weight.device
+        # CPU half GEMMs are slow: float32 row blocks, rounded once; otherwise the GEMM adds W
+        # in float32 and rounds once (bf16: the same bits as a float32 merge rounded to bf16 for
+        # all but ~1e-6 of the elements)
+        via_f32 = weight.dtype == torch.float16 and dev.type == "cpu"
+        gemm_dtype = torch.float32 if via_f32 else weight.dtype
+        # several LoRAs: one product over the concatenated ranks
+        down = torch.cat([self._read(layer.down, 0, layer.rank * k, dev).view(layer.rank, k) for layer, _ in entries])
+        scratch = down.numel() * 4
+        if gemm_dtype != torch.float32:
+            down = down.to(gemm_dtype)
+            scratch += down.numel() * gemm_dtype.itemsize
+        rank = down.shape[0]
+        # the up factors are read in row blocks, so a big layer never holds its whole (out, rank) factor
+        rows = max(1, self.block_bytes // (4 * (rank + (k if via_f32 else 0))))
+        rows = min(rows, out)
+        for r0 in range(0, out, rows):
+            n = min(rows, out - r0)
+            up = torch.cat([self._read(layer.up, r0 * layer.rank, n * layer.rank, dev).view(n, layer.rank)
+                            .mul_(mult * layer.scale) for layer, mult in entries], dim=1)
+            block = w[r0 : r0 + n]
+            if via_f32:
                 acc = block.float()
-                acc.addmm_(up[r0 : r0 + rows], down)
+                acc.addmm_(up, down)
                 block.copy_(acc)
-            scratch += min(rows, out) * k * 4
-        else:
-            # the GEMM adds W in float32 and rounds once (bf16: same bits as a float32 merge
-            # rounded to bf16 for all but ~1e-6 of the elements)
-            if weight.dtype != torch.float32:
-                up, down = up.to(weight.dtype), down.to(weight.dtype)
-                scratch += (up.numel() + down.numel()) * weight.dtype.itemsize
-            w.addmm_(up, down)
+            else:
+                block.addmm_(up.to(gemm_dtype), down)
+        scratch += rows * rank * (4 + gemm_dtype.itemsize) + (rows * k * 4 if via_f32 else 0)
         with self._lock:
             self.merges += 1
             self.peak_scratch_bytes = max(self.peak_scratch_bytes, scratch)

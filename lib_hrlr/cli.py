@@ -109,6 +109,24 @@ def _add_bench(sub) -> None:
     b.add_argument("--taesd-dir", default=None)
     b.add_argument("--json", default=None, help="write the results here")
     b.add_argument("--keep-image", default=None, help="also keep the generated PNG here")
+    # the budget sweep (lib_hrlr/bench/sweep.py)
+    b.add_argument("--sweep", action="store_true",
+                   help="run the 30 budget-sweep configurations, 2 steps each (--arch and --json apply): estimate, "
+                        "measured peak and margin for each; exit 1 if any peak exceeds its budget")
+    b.add_argument("--sweep-only", default=None, metavar="I,J,...", help="with --sweep: only these rows (0-based)")
+    # UNet-only side-by-side timing (lib_hrlr/bench/unet_speed.py)
+    b.add_argument("--unet-only", action="store_true",
+                   help="time one UNet evaluation in one process: diffusers, ours resident, chunked, streamed")
+    b.add_argument("--variants", default="diffusers,resident,chunked,streamed", help="with --unet-only")
+    b.add_argument("--batches", default="2,10", help="with --unet-only: samples per call, comma-separated")
+    b.add_argument("--repeats", type=int, default=3, help="with --unet-only: interleaved rounds")
+    b.add_argument("--latent", type=int, default=None, help="with --unet-only: latent px (default: the model's tile)")
+    b.add_argument("--unet-dtype", default="bf16", choices=("fp32", "bf16"), help="with --unet-only")
+    b.add_argument("--threads", type=int, default=2, help="with --unet-only: torch threads (0: torch's default)")
+    b.add_argument("--allocator", default="tuned", choices=("tuned", "default"),
+                   help="with --unet-only: tuned = generate's allocator settings (runtime.tune_allocator)")
+    b.add_argument("--cache-mb", type=float, default=0.0, help="with --unet-only: the streamed UNet's weight cache")
+    b.add_argument("--no-prefetch", action="store_true", help="with --unet-only: stream without the prefetch thread")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "upscale":
             return run_upscale(args)
+        if args.sweep:
+            from .bench.sweep import main_sweep
+
+            return main_sweep(args)
         from .bench.run import run_bench
 
         return run_bench(args)

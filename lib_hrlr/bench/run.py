@@ -86,6 +86,11 @@ def run_bench(a) -> int:
         from ..api import UPSCALE_STRENGTH
 
         a.strength = UPSCALE_STRENGTH if mode == "upscale" else 0.45
+    if getattr(a, "unet_only", False):
+        from .unet_speed import run_unet_bench
+
+        run_unet_bench(a)
+        return 0
     t0 = time.perf_counter()
     ckpt = str(cached_random_checkpoint(a.arch))
     print(f"checkpoint: {ckpt} ({os.path.getsize(ckpt) / 2**30:.2f} GiB, ready in {time.perf_counter() - t0:.0f} s)",

@@ -27,8 +27,8 @@ MB = 1024 * 1024
 # Per sample that is ~10-12 feature maps of model_channels x tile^2 floats (the skip
 # connections and the 64x64 level's attention and feed-forward).  The fixed part is the
 # streaming arena, which holds the largest weight tensor and the next one (~1.1 largest),
-# the convolution's re-laid-out copy of one output-channel group (STREAM_CONV_WEIGHTS), and
-# the transients below.
+# the convolution's re-laid-out copy of one output-channel group (at most STREAM_CONV_BYTES,
+# whatever the dtype: bf16 groups hold twice the weights of fp32 ones), and the transients below.
 UNET_SAMPLE_MAPS = 12.0
 # ~50 MB of transients measured around a bare UNet call, plus ~70 MB seen in whole runs
 # (prompt conditionings, the blend's batches, allocator fragmentation over many calls): the
@@ -80,11 +80,11 @@ def largest_unet_tensor(model: ModelConfig) -> int:
 
 def unet_call_bytes(model: ModelConfig, tile: int, samples: int, dtype_bytes: int) -> int:
     """Peak memory of one streamed UNet call on ``samples`` tiles of ``tile``x``tile`` latent px."""
-    from ..models.unet import STREAM_CONV_WEIGHTS
+    from ..models.unet import STREAM_CONV_BYTES
 
     per_sample = UNET_SAMPLE_MAPS * model.unet.model_channels * tile * tile * dtype_bytes
     largest = largest_unet_tensor(model)
-    fixed = (1.1 * largest + min(largest, STREAM_CONV_WEIGHTS)) * dtype_bytes + UNET_FIXED_MB * MB
+    fixed = 1.1 * largest * dtype_bytes + min(largest * dtype_bytes, STREAM_CONV_BYTES) + UNET_FIXED_MB * MB
     return int(fixed + per_sample * samples)
 
 

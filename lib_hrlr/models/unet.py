@@ -70,13 +70,18 @@ MIN_CHUNK = 32
 # SD 1.5, fp32, 64x64 tiles, 4 samples per call: +590 MB with the feed-forward over 4096
 # tokens and whole convolutions, +446 MB with these; no slower).  1024 tokens keep the 8x-wide
 # GEGLU projection at 10 MB per sample at the 64x64 level; convolutions in groups of at most
-# 8 M weights keep the CPU convolution's re-laid-out weight copy at 32 MB instead of 118 MB
-# (SD 1.5's 2560->1280 convolutions).
+# 32 MB of weights keep the CPU convolution's re-laid-out weight copy at 32 MB instead of
+# 118 MB (SD 1.5's 2560->1280 convolutions in fp32).  The limit is in bytes, so only the few
+# convolutions whose copy is large are split: in fp32 every 3x3 convolution above 8 M weights,
+# in bf16/fp16 only those above 16 M (SD 1.5: the six 2560/1920->1280 decoder convolutions,
+# in two groups each).  Each group re-lays out the input again: on SD 1.5 in bf16, 2 samples,
+# one thread, the 8 M-weight groups cost 11 % more time in the affected convolutions than
+# whole calls, 16 M-weight groups 4 % (tools: lib_hrlr/bench/unet_speed.py).
 STREAM_FF_TOKENS = 1024
 STREAM_ATTN_QUERIES = 4096
-STREAM_CONV_WEIGHTS = 8 * 1024 * 1024
-# (ff_tokens, attn_queries, conv_weights) as set_chunking takes them
-STREAM_CHUNKING = (STREAM_FF_TOKENS, STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS)
+STREAM_CONV_BYTES = 32 * 1024 * 1024
+# the keywords of set_chunking, as a streamed run sets them
+STREAM_CHUNKING = {"ff_tokens": STREAM_FF_TOKENS, "attn_queries": STREAM_ATTN_QUERIES, "conv_bytes": STREAM_CONV_BYTES}
 
 
 def chunk_spans(n: int, limit: int | None) -> list[tuple[int, int]]:
@@ -149,18 +154,22 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class GroupedConv2d(nn.Conv2d):
     """``nn.Conv2d`` that can run over groups of its output channels, one call each.
 
-    ``weight_limit`` (set by :meth:`UNet.set_chunking`; None: one call) caps the weight
-    elements per call.  A group is a contiguous slice of the weight (no copy); each output
-    channel is computed as in the whole call, the groups are concatenated.  Parameters and
-    their names are those of ``nn.Conv2d``."""
+    ``weight_limit`` (elements) and ``byte_limit`` (bytes of the weight in its dtype), set by
+    :meth:`UNet.set_chunking` (None: no cap), cap the weight per call; the smaller one
+    applies.  A group is a contiguous slice of the weight (no copy); each output channel is
+    computed as in the whole call, the groups are concatenated.  Parameters and their names
+    are those of ``nn.Conv2d``."""
 
     weight_limit: int | None = None
+    byte_limit: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not self.weight_limit or w.numel() <= self.weight_limit:
+        caps = [c for c in (self.weight_limit, self.byte_limit and self.byte_limit // w.element_size()) if c]
+        limit = max(1, min(caps)) if caps else None
+        if not limit or w.numel() <= limit:
             return super().forward(x)
-        spans = chunk_spans(self.out_channels, max(1, self.weight_limit // w[0].numel()))
+        spans = chunk_spans(self.out_channels, max(1, limit // w[0].numel()))
         b = self.bias
         parts = [F.conv2d(x, w[s:e], None if b is None else b[s:e], self.stride, self.padding, self.dilation)
                  for s, e in spans]
@@ -476,17 +485,18 @@ class UNet(nn.Module):
         )
 
     def set_chunking(self, ff_tokens: int | None, attn_queries: int | None,
-                     conv_weights: int | None = None) -> None:
+                     conv_weights: int | None = None, conv_bytes: int | None = None) -> None:
         """Split the feed-forward over ``ff_tokens`` tokens and attention over ``attn_queries``
         query rows at a time, and run 3x3 convolutions over groups of output channels of at
-        most ``conv_weights`` weight elements (None: no split).
+        most ``conv_weights`` weight elements and ``conv_bytes`` bytes of weight (None: no split).
 
         The sequence is cut in balanced spans of at most ``max(value, MIN_CHUNK)`` tokens;
         results equal the unsplit ones up to float rounding.  The largest transient
         activations then are ``batch * ff_tokens * 8 * channels`` (GEGLU projection) and
         ``batch * heads * attn_queries * keys`` (attention scores, when the attention
         kernel materialises them)."""
-        for name, value in (("ff_tokens", ff_tokens), ("attn_queries", attn_queries), ("conv_weights", conv_weights)):
+        for name, value in (("ff_tokens", ff_tokens), ("attn_queries", attn_queries), ("conv_weights", conv_weights),
+                            ("conv_bytes", conv_bytes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidInput(name, f"{value!r}; a positive integer or None is allowed")
         for m in self.modules():
@@ -495,6 +505,7 @@ class UNet(nn.Module):
                 m.attn_queries = attn_queries
             elif isinstance(m, GroupedConv2d):
                 m.weight_limit = conv_weights
+                m.byte_limit = conv_bytes
 
     def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                       y: torch.Tensor | None = None) -> torch.Tensor:

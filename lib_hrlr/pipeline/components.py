@@ -165,11 +165,11 @@ def unet_streamer(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, ca
     """The UNet as an eps callable whose weights stream from the checkpoint; freed on exit.
 
     ``transform``: the streamer's weight transform (a LoRA merger, merged as layers stream in)."""
-    from ..models.unet import STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS, STREAM_FF_TOKENS, UNet
+    from ..models.unet import STREAM_CHUNKING, UNet
 
     cfg: ModelConfig = ckpt.config
     unet = _meta(lambda: UNet(cfg.unet))
-    unet.set_chunking(STREAM_FF_TOKENS, STREAM_ATTN_QUERIES, STREAM_CONV_WEIGHTS)
+    unet.set_chunking(**STREAM_CHUNKING)
     on_event, flush = _streamer_events(meter, "unet")
     streamer = WeightStreamer(unet, ckpt.component("unet"), dtype=dtype, device=device, cache_bytes=cache_bytes,
                               prefetch=prefetch, on_event=on_event, unit_types=_unet_unit_types(),

@@ -52,6 +52,12 @@ from ..errors import CheckpointError
 from .safetensors_file import TensorSource, pread_into, read_into, tensor_memoryview
 
 CHUNK_BYTES = 4 * 1024 * 1024  # default conversion scratch per thread
+# The prefetch thread converts at most this many elements per tensor op: torch runs an
+# element-wise op below its grain size (at::internal::GRAIN_SIZE, 32768) on the calling thread
+# alone, so the loader never starts a second OpenMP team beside the one computing the model
+# (on 2 cores that made 4 busy threads).  torch.set_num_threads(1) in the loader is no way out:
+# it also sets the count every thread started later begins with (a webui's next request).
+SERIAL_ELEMENTS = 32768
 ARENA_ALIGN = 64
 ARENA_SLACK = 1 << 20
 
@@ -170,6 +176,7 @@ class _Scratch:
 
     buf: torch.Tensor | None = None
     allocated: int = 0
+    serial: bool = False  # convert in pieces of SERIAL_ELEMENTS (no intra-op threads)
 
 
 class WeightStreamer:
@@ -203,6 +210,7 @@ class WeightStreamer:
         arena: bool = True,
         unit_types: tuple[type, ...] = (),
         transform: WeightTransform | None = None,
+        serial_prefetch: bool = True,
     ):
         if prefetch_depth < 0:
             raise ValueError("prefetch_depth must be >= 0")
@@ -221,8 +229,9 @@ class WeightStreamer:
         self._order: list[_Unit] = []
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._fds: dict[str, int] = {}
+        self.serial_prefetch = serial_prefetch
         self._main_scratch = _Scratch()
-        self._worker_scratch = _Scratch()
+        self._worker_scratch = _Scratch(serial=serial_prefetch)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._arena: _Arena | None = None  # created once the first pass has recorded the order
         self._order_known = False
@@ -346,7 +355,13 @@ class WeightStreamer:
                         n = min(per, info.numel - start)
                         chunk = buf[: n * isz]
                         pread_into(fd, info.offset + start * isz, tensor_memoryview(chunk))
-                        flat[start : start + n].copy_(chunk.view(info.dtype))
+                        src = chunk.view(info.dtype)
+                        if not scratch.serial or n <= SERIAL_ELEMENTS:
+                            flat[start : start + n].copy_(src)
+                            continue
+                        dst = flat[start : start + n]
+                        for i in range(0, n, SERIAL_ELEMENTS):
+                            dst[i : i + SERIAL_ELEMENTS].copy_(src[i : i + SERIAL_ELEMENTS])
             if self.transform is not None and t.is_floating_point():
                 self.transform(slot.full, t)
             out[slot.full] = t
@@ -572,7 +587,7 @@ class WeightStreamer:
         self.stats.pinned_bytes = 0
         self.stats.pinned_units = 0
         self._main_scratch = _Scratch()
-        self._worker_scratch = _Scratch()
+        self._worker_scratch = _Scratch(serial=self.serial_prefetch)
         self._arena = None
         for fd in self._fds.values():
             os.close(fd)

@@ -73,12 +73,20 @@ def release_webui_model():
         sd_hijack.model_hijack.undo_hijack(model)
     except Exception:
         pass
-    forget_lowvram_module(model)
-    sd_models.model_data.sd_model = None
-    sd_models.model_data.loaded_sd_models = [m for m in sd_models.model_data.loaded_sd_models if m is not model]
-    # other webui objects (finished jobs, samplers, hijacks) may still point at the model:
-    # move its tensors to the meta device so their memory goes whoever holds the module
-    model.to(device="meta")
+    try:
+        forget_lowvram_module(model)
+        sd_models.model_data.sd_model = None
+        sd_models.model_data.loaded_sd_models = [m for m in sd_models.model_data.loaded_sd_models if m is not model]
+        # other webui objects (finished jobs, samplers, hijacks) may still point at the model:
+        # move its tensors to the meta device so their memory goes whoever holds the module
+        model.to(device="meta")
+    except Exception:
+        # the webui's own state first: a model (half) moved away is loaded back, then the error shows
+        del model
+        gc.collect()
+        sd_models.model_data.sd_model = None
+        restore_webui_model(info)
+        raise
     del model
     gc.collect()
     devices.torch_gc()

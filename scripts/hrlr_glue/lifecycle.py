@@ -82,12 +82,12 @@ def release_webui_model():
         model.to(device="meta")
     except Exception:
         # the webui's own state first: a model (half) moved away is loaded back, then the error shows
-        del model
+        model = None
         gc.collect()
         sd_models.model_data.sd_model = None
         restore_webui_model(info)
         raise
-    del model
+    model = None
     gc.collect()
     devices.torch_gc()
     trim_allocator()

@@ -9,7 +9,9 @@ numbers (dtype, device, weight cache) and offers:
 * ``resident_mb`` — weights already in memory before the run (0 when streamed);
 * ``model_dtype`` — the dtype a resident UNet computes in (the run follows it), or None
   when the weights are materialised in whatever dtype the run asks for;
-* ``encode_text(prompts, clip_skip)`` — one float32 ``(1, 77k, ctx)`` conditioning per prompt;
+* ``encode_text(prompts, clip_skip)`` — one float32 ``(1, 77k, ctx)`` conditioning per prompt
+  (SDXL: one :class:`~lib_hrlr.text.sdxl_conditioning.SdxlCondition`, context and pooled,
+  with ``zero_if_empty`` marking the negative prompt);
 * ``unet()`` — a context manager yielding ``eps(x, t, context)``;
 * ``decode(latent, ...)`` / ``encode(source, ...)`` — tiled VAE passes on *scaled* latents.
 
@@ -30,7 +32,7 @@ import torch
 from ..config.architectures import ModelConfig
 from ..memory.meter import MemoryMeter
 from ..weights.checkpoint import Checkpoint
-from . import components
+from . import components, sdxl
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,19 @@ class CheckpointBackend:
     def unet_total_mb(self, dtype: torch.dtype) -> float:
         return components.component_mb(self.ckpt, "unet", dtype)
 
-    def encode_text(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
+    def encode_text(self, prompts: list[str], clip_skip: int, zero_if_empty=None) -> list:
         s = self.settings
+        if self.config.family == "sdxl":
+            from ..errors import InvalidInput
+            from .sdxl_text import encode_text_sdxl
+
+            if s.loras or s.embeddings:
+                raise InvalidInput("loras" if s.loras else "embeddings",
+                                   "LoRAs and embeddings are not applied to SDXL models yet; run without them")
+            if clip_skip != 1:
+                raise InvalidInput("clip_skip", f"{clip_skip}; SDXL conditions on fixed layers (the webui ignores clip "
+                                                "skip for SDXL too): use 1")
+            return encode_text_sdxl(self.ckpt, prompts, zero_if_empty, s.dtype, s.device, s.cache_bytes)
         with self._merger("text") as merge:
             return components.encode_text(self.ckpt, prompts, clip_skip, s.dtype, s.device, s.cache_bytes,
                                           transform=merge, embeddings=self.embeddings)
@@ -131,10 +144,12 @@ class CheckpointBackend:
     def decode(self, latent, *, tile, output, progress=None, should_stop=None):
         s = self.settings
         return components.decode_latent(self.ckpt, s.vae_mode, s.taesd_dir, latent, tile=tile, output=output,
-                                        progress=progress, **self._vae_kw(should_stop))
+                                        progress=progress, taesd_kind=sdxl.taesd_kind(self.config),
+                                        **self._vae_kw(should_stop))
 
     def encode(self, source, *, px_tile, progress=None, should_stop=None):
         s = self.settings
         return components.encode_image(self.ckpt, s.vae_mode, s.taesd_dir, source, px_tile=px_tile,
-                                       progress=progress, **self._vae_kw(should_stop))
+                                       progress=progress, taesd_kind=sdxl.taesd_kind(self.config),
+                                       **self._vae_kw(should_stop))
 

@@ -42,7 +42,9 @@ def open_model(path: str | None) -> Checkpoint:
     pass a local model, instead of hanging on the network.
     """
     if path:
-        return open_checkpoint(path)
+        from ..weights.checkpoint import FAMILIES  # the pipeline runs SD 1.x and SDXL
+
+        return open_checkpoint(path, families=FAMILIES)
     try:
         import huggingface_hub
     except ImportError:
@@ -246,21 +248,31 @@ def _vae_or_half(vae, ckpt: Checkpoint, half: str, dtype: torch.dtype, device: t
             yield vae
 
 
+def _taesd_file(explicit: str | None, kind: str, index: int) -> Path:
+    """The encoder (0) or decoder (1) file of TAESD family ``kind``."""
+    if kind == "taesd":
+        return taesd_dir(explicit) / TAESD_FILES[index]
+    from .sdxl import taesdxl_files
+
+    return taesdxl_files(explicit)[index]
+
+
 def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: torch.Tensor, *,
                   dtype: torch.dtype, device: torch.device, tile: int, output: str, spill_dir: str | None,
                   attention: str = "global", progress=None, should_stop=None, scaling_factor: float | None = None,
-                  vae=None):
+                  vae=None, taesd_kind: str = "taesd"):
     """Decode a *scaled* latent (what the UNet works on) to a SpillArray image (H, W, 3).
 
     ``vae``: an already-loaded autoencoder to use instead of the checkpoint's (``ckpt`` may then
-    be None, as with TAESD, given the model's ``scaling_factor``)."""
+    be None, as with TAESD, given the model's ``scaling_factor``).  ``taesd_kind``: the TAESD
+    family of the model ("taesd" for SD 1.x, "taesdxl" for SDXL, :func:`.sdxl.taesd_kind`)."""
     scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
     z = latent / scale
     if vae_mode == "taesd":
         from ..models.taesd import load_taesd_decoder
         from ..vae.tiled_taesd import decode_tiled
 
-        dec = load_taesd_decoder(taesd_dir(taesd) / TAESD_FILES[1], dtype=dtype).to(device)
+        dec = load_taesd_decoder(_taesd_file(taesd, taesd_kind, 1), dtype=dtype).to(device)
         with torch.inference_mode():
             return decode_tiled(dec, z.to(device), tile=tile, output=output, scaling_factor=scale,
                                 spill_dir=spill_dir, progress=progress, should_stop=should_stop)
@@ -273,16 +285,17 @@ def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: to
 
 def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, dtype: torch.dtype,
                  device: torch.device, px_tile: int, spill_dir: str | None, attention: str = "global",
-                 progress=None, should_stop=None, scaling_factor: float | None = None, vae=None) -> torch.Tensor:
+                 progress=None, should_stop=None, scaling_factor: float | None = None, vae=None,
+                 taesd_kind: str = "taesd") -> torch.Tensor:
     """Encode an image source (``read(y0, y1, x0, x1)`` in [-1, 1]) to a *scaled* latent, float32 CPU.
 
-    ``vae`` and ``scaling_factor`` as for :func:`decode_latent`."""
+    ``vae``, ``scaling_factor`` and ``taesd_kind`` as for :func:`decode_latent`."""
     scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
     if vae_mode == "taesd":
         from ..models.taesd import load_taesd_encoder
         from ..vae.tiled_taesd import encode_tiled
 
-        enc = load_taesd_encoder(taesd_dir(taesd) / TAESD_FILES[0], dtype=dtype).to(device)
+        enc = load_taesd_encoder(_taesd_file(taesd, taesd_kind, 0), dtype=dtype).to(device)
         with torch.inference_mode():
             z = encode_tiled(enc, source, tile=min(px_tile, TAESD_ENCODE_TILE), scaling_factor=scale,
                              spill_dir=spill_dir, progress=progress, should_stop=should_stop)

@@ -36,6 +36,7 @@ from .progress import Progress
 from .work import stage_work
 from .timing import FirstCallTimer, per_sample_seconds
 from . import components
+from . import sdxl
 from .backend import Backend, CheckpointBackend, RunSettings
 
 
@@ -173,8 +174,8 @@ def generate(
             raise InvalidInput("loras" if params.loras else "embeddings",
                                "this backend (a resident model) applies its own LoRAs and embeddings; pass them to it, "
                                "or run from the checkpoint file")
-        if params.vae == "taesd":
-            components.taesd_dir(params.taesd_dir)  # fail now, not after the UNet passes
+        if params.vae == "taesd":  # fail now, not after the UNet passes
+            sdxl.taesdxl_files(params.taesd_dir) if sdxl.is_sdxl(cfg) else components.taesd_dir(params.taesd_dir)
         if params.init_image is not None and init is None:  # read it now: a bad file fails before any work
             with meter.stage("init_image"):
                 init = own_init = load_init_image(params.init_image, params.width, params.height,
@@ -219,7 +220,11 @@ def generate(
         prompts = [params.prompt, params.negative] + [r.prompt for r in params.regions]
         with meter.stage("text_encoder"):
             prog.stage("text", len(prompts))
-            contexts = backend.encode_text(prompts, params.clip_skip)
+            if sdxl.is_sdxl(cfg):  # the empty negative prompt is zeros, as the webui does for SDXL
+                contexts, pooled = sdxl.split_conditions(backend.encode_text(
+                    prompts, params.clip_skip, zero_if_empty=[i == 1 for i in range(len(prompts))]))
+            else:
+                contexts = backend.encode_text(prompts, params.clip_skip)
             prog.update(len(prompts))
         trim_allocator()
         cond, uncond, region_ctx = contexts[0], contexts[1], contexts[2:]
@@ -232,11 +237,16 @@ def generate(
             return spec.sigmas(n) if spec.sigmas is not None else schedule.sigmas_for(spec.schedule, n)
 
         # 2. base image at native size ---------------------------------------------------
-        bw, bh = base_size(params.width, params.height, cfg.native_size)
+        if sdxl.is_sdxl(cfg):
+            bw, bh = sdxl.sdxl_base_size(params.width, params.height, cfg.native_size)
+        else:
+            bw, bh = base_size(params.width, params.height, cfg.native_size)
         timed: dict = {}
         if init is None:
             with meter.stage("base_unet"), backend.unet() as unet:
-                den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
+                added = sdxl.base_added(cfg, pooled[0], pooled[1], bh, bw) if sdxl.is_sdxl(cfg) else {}
+                den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype,
+                                  **added)
                 sigmas = full_sigmas(base_steps)
                 prog.stage("base", len(sigmas) - 1)
                 x = noise((1, cfg.unet.in_channels, bh // f, bw // f)) * sigmas[0]
@@ -279,6 +289,8 @@ def generate(
                         den, tiles, [cond] + list(region_ctx), negative=uncond, regions=params.regions,
                         weighting=params.weighting, feather=params.region_feather, batch_size=den.samples_per_job * plan.tile_batch,
                         should_stop=should_stop,
+                        added=(sdxl.tiled_added(cfg, [pooled[0]] + pooled[2:], pooled[1], params.micro_conditioning,
+                                                params.height, params.width) if sdxl.is_sdxl(cfg) else None),
                         progress=lambda done, total: prog.update(
                             step["i"] * total + done, f"step {step['i'] + 1}/{steps_total} tile {done}/{total}"),
                     )
@@ -298,6 +310,7 @@ def generate(
         # 5. decode and write ---------------------------------------------------------------
         infotext = build_infotext(params, backend.name, backend.hash, plan, spec,
                                   {**(init.infotext_fields() if init is not None else {}), **vae_fields,
+                                   **({"HRLR micro-conditioning": params.micro_conditioning} if sdxl.is_sdxl(cfg) else {}),
                                    **(infotext_extra or {})})
         with meter.stage("vae_decode"):
             prog.stage("decode", 1)

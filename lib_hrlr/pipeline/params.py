@@ -31,6 +31,8 @@ class GenerationParams:
     tile: int | None = None  # latent px; None = the model's native latent size (64 for SD 1.x)
     overlap: int | None = None  # latent px; None = a quarter of the tile
     weighting: str = "gaussian"
+    # SDXL: what each tile's added time embedding says (lib_hrlr.sampling.micro_conditioning)
+    micro_conditioning: str = "offset"
     regions: tuple[Region, ...] = ()
     region_feather: float | None = None  # px of each region's soft edge; None = 1/8 of its shorter side
     tile_batch: int | None = None  # tiles per UNet call; None = as many as the budget allows
@@ -137,6 +139,9 @@ def validate(p: GenerationParams, model: ModelConfig) -> None:
         raise InvalidInput("budget_scope", f"'{p.budget_scope}' is not one of: process, run")
     if not p.out.lower().endswith(".png"):
         raise InvalidInput("out", f"must be a .png path, got '{p.out}'")
+    from ..sampling.micro_conditioning import check_policy
+
+    check_policy(p.micro_conditioning)
     validate_regions(p.regions, p.width, p.height)
     validate_feather(p.region_feather, p.regions)
     from ..sampling.samplers import get_sampler

@@ -38,14 +38,15 @@ class FirstCallTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *extra) -> torch.Tensor:
+        """``extra``: what else the UNet takes (SDXL's ADM vector ``y``), passed on."""
         if self.done:
-            return self.eps(x, t, context)
+            return self.eps(x, t, context, *extra)
         self.done = True
         before = _loading_seconds(self.eps)
         self._sync()
         t0 = time.perf_counter()
-        out = self.eps(x, t, context)
+        out = self.eps(x, t, context, *extra)
         self._sync()
         wall = time.perf_counter() - t0
         self.totals["seconds"] = self.totals.get("seconds", 0.0) + max(wall - (_loading_seconds(self.eps) - before), 0.0)

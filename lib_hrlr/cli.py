@@ -58,6 +58,10 @@ def _add_run_options(g, strength: float, strength_help: str) -> None:
     g.add_argument("--overlap", type=int, default=None, help="tile overlap in latent px (default: a quarter of the tile)")
     g.add_argument("--tile-batch", type=int, default=None, help="tiles per UNet call (default: what the budget allows)")
     g.add_argument("--weighting", default="gaussian", choices=None, help="gaussian (Mixture of Diffusers) or uniform (MultiDiffusion)")
+    g.add_argument("--micro-conditioning", default="offset", metavar="POLICY",
+                   help="SDXL: what each tile's size/crop conditioning says: offset (default; the tile's crop offset "
+                        "in a canvas of the output size), zero (each tile a whole picture) or canvas (the webui's "
+                        "values, output size and crop 0, for every tile)")
     g.add_argument("--region", action="append", default=[], metavar="X,Y,W,H[,WEIGHT]:PROMPT",
                    help="a rectangle in output pixels with its own prompt; repeatable. WEIGHT (default 1) is the "
                         "prompt's share of the blend inside it, fading to 0 across --region-feather at its edges")
@@ -152,6 +156,7 @@ def params_from_args(a) -> "GenerationParams":
         prompt=a.prompt, negative=a.negative, width=a.width, height=a.height, model=a.model,
         steps=a.steps, base_steps=a.base_steps, strength=a.strength, sampler=a.sampler, cfg=a.cfg,
         seed=a.seed, tile=a.tile, overlap=a.overlap, weighting=a.weighting, regions=regions,
+        micro_conditioning=a.micro_conditioning,
         region_feather=a.region_feather,
         tile_batch=a.tile_batch, vae=decoder, vae_file=vae_file, vae_tile=a.vae_tile, vae_attention=a.vae_attention,
         taesd_dir=a.taesd_dir, clip_skip=a.clip_skip, dtype=a.dtype, device=a.device,

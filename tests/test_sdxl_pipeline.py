@@ -61,3 +61,13 @@ def test_base_image_is_the_sdxl_bucket_closest_to_the_aspect_ratio():
     assert sdxl_base_size(2560, 1440) == (1344, 768)  # 16:9 -> 1.75
     assert sdxl_base_size(1024, 2048) == (768, 1344)  # 1:2 -> 0.571 (closer than 640x1536's 0.417)
     assert sdxl_base_size(3072, 2048) == (1216, 832)  # 3:2 -> 1.46
+
+
+def test_micro_conditioning_policy_is_chosen_on_the_command_line(tiny_xl, tmp_path, capsys):
+    code, out, err = run_cli(["--model", tiny_xl, "--prompt", "x", "--width", "128", "--height", "128", "--steps", "1",
+                              "--micro-conditioning", "zero"], tmp_path, capsys)
+    assert code == 0, err
+    assert parse_infotext(Image.open(out).info["parameters"])[2]["HRLR micro-conditioning"] == "zero"
+    code, out, err = run_cli(["--model", tiny_xl, "--prompt", "x", "--width", "128", "--height", "128", "--steps", "1",
+                              "--micro-conditioning", "centre"], tmp_path, capsys)
+    assert code == 2 and "micro_conditioning" in err and "offset, zero, canvas" in err

@@ -469,3 +469,21 @@ def test_row_blocks_merge_like_one_block(ckpt, tmp_path, dtype):
                 ref = ref + mult * lay.scale * (u @ d)
         tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item()
         assert (merged[64].double().view(shape[0], -1) - ref).abs().max().item() <= tol
+
+
+def test_merges_run_on_the_calling_thread_even_when_prefetched(ckpt, tmp_path):
+    """The prefetch thread only reads: merging there would start a second OpenMP team."""
+    import threading
+
+    loras = load_loras([LoraSpec(str(kohya_file(tmp_path / "k.safetensors", make_factors(ckpt))))], ckpt.config)
+    merger = loras.merger("unet")
+    threads = set()
+
+    def recording(name, weight):
+        threads.add(threading.get_ident())
+        merger(name, weight)
+
+    with merger:
+        (outs, stats) = unet_out(ckpt, recording, calls=3)
+    assert stats.prefetch_hits > 0  # units did come from the prefetch thread
+    assert threads == {threading.get_ident()} and merger.merges == 3 * len(UNET_LAYERS)

@@ -27,9 +27,9 @@ applied by :class:`LoraMerger`, a :data:`~lib_hrlr.weights.streaming.WeightTrans
 streamer calls it on every tensor right after reading it, in the compute dtype, so pinned
 (cached) units hold merged weights like streamed ones.  The factors are read from the LoRA
 file at that moment (page cache): the whole ``down`` factor and the ``up`` factor in row blocks
-of about ``MERGE_BLOCK_BYTES`` (float32), so one merge holds a layer's ``down`` factor and one
-block (each also in the compute dtype), at most one merge per streaming thread: memory does
-not grow with the number or size of the LoRAs.  Several LoRAs on one layer are concatenated
+of about ``MERGE_BLOCK_BYTES`` (float32), so a merge holds a layer's ``down`` factor and one
+block (each also in the compute dtype), one merge at a time: memory does not grow with the
+number or size of the LoRAs.  Several LoRAs on one layer are concatenated
 along the rank: one GEMM ``W.addmm_(up, down)`` per block adds their sum to W and rounds once
 (half-precision weights on the CPU go through float32 row blocks of W instead).
 
@@ -325,7 +325,8 @@ class LoraMerger:
 
     ``entries`` are ``(layer, multiplier)``; multipliers of 0 are dropped (weight 0 leaves the
     model bit for bit unchanged).  Use as a context manager (holds one descriptor per file).
-    Thread-safe: the streamer calls it from its prefetch thread as well.
+    The streamer calls it on its calling thread as it attaches a unit (the counters are locked,
+    so calls from several threads are safe too).
     """
 
     def __init__(self, entries: list[tuple[LoraLayer, float]], block_bytes: int = MERGE_BLOCK_BYTES):

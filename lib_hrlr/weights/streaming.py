@@ -187,10 +187,11 @@ class WeightStreamer:
     Modules of ``unit_types`` are streamed whole, as one unit (for modules that call their
     children several times per forward, e.g. a feed-forward chunked over tokens).
     Floating tensors are materialised in ``dtype``, others in their own dtype.
-    ``transform(name, tensor)``, when given, is called on every floating tensor right after it
-    is read (in the compute dtype, on either thread, before it is attached, pinned or cached),
-    so every use of the weight — streamed, prefetched, pinned — sees the transformed values;
-    it must change the tensor in place and be thread-safe.
+    ``transform(name, tensor)``, when given, is called on every floating tensor of a unit as
+    the unit is attached (in the compute dtype, on the calling thread — never the prefetch
+    thread, which must not start a second OpenMP team — before it can be pinned), so every use
+    of the weight, streamed, prefetched or pinned, sees the transformed values, and a discarded
+    prefetch costs no transform; it must change the tensor in place.
     ``on_event(kind, unit_name, nbytes, seconds)`` is called on the calling thread with
     kind in load (synchronous), prefetch (a prefetched unit was used; seconds = its
     background load time), wait (seconds blocked on it), release, pin, discard.
@@ -362,14 +363,14 @@ class WeightStreamer:
                         dst = flat[start : start + n]
                         for i in range(0, n, SERIAL_ELEMENTS):
                             dst[i : i + SERIAL_ELEMENTS].copy_(src[i : i + SERIAL_ELEMENTS])
-            if self.transform is not None and t.is_floating_point():
-                self.transform(slot.full, t)
             out[slot.full] = t
 
     def _attach(self, unit: _Unit, loaded: _Loaded) -> None:
         for slot in unit.slots:
             t = loaded.tensors[slot.full]
             setattr(slot.owner, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
+            if self.transform is not None and t.is_floating_point():
+                self.transform(slot.full, t)  # on the calling thread: its GEMMs use the model's OpenMP team
         unit.resident = True
         unit.block = loaded.block
 

@@ -281,7 +281,7 @@ def read_lora(path: str | os.PathLike, config: ModelConfig, names: LayerNames | 
         if "down" not in parts or "up" not in parts:
             missing = "up" if "down" in parts else "down"
             if parts.keys() == {"alpha"}:
-                continue  # an alpha of a layer stored under another spelling is checked below
+                continue  # a lone alpha (diffusers' converted "...down.weight.alpha"): its layer keeps scale 1
             raise _err(f"'{p}': LoRA layer {module!r} lacks its {missing} factor")
         comp, local, kohya = _component_of(module)
         kohya_count += kohya

@@ -214,7 +214,7 @@ def generate(
             say(f"warning: {w}")
 
         # expected work per stage: the run's progress and ETA weigh the stages by it
-        prog.plan(stage_work(cfg, params, n_jobs=len(tiles.tiles) + len(params.regions)))
+        prog.plan(stage_work(cfg, params, n_jobs=len(tiles.tiles) + len(params.regions), with_base=init is None))
 
         # 1. text encoding ---------------------------------------------------------------
         prompts = [params.prompt, params.negative] + [r.prompt for r in params.regions]

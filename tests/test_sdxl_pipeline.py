@@ -71,3 +71,15 @@ def test_micro_conditioning_policy_is_chosen_on_the_command_line(tiny_xl, tmp_pa
     code, out, err = run_cli(["--model", tiny_xl, "--prompt", "x", "--width", "128", "--height", "128", "--steps", "1",
                               "--micro-conditioning", "centre"], tmp_path, capsys)
     assert code == 2 and "micro_conditioning" in err and "offset, zero, canvas" in err
+
+
+def test_sdxl_full_vae_never_runs_in_float16():
+    import torch
+
+    from lib_hrlr.config.architectures import SD15, SDXL
+    from lib_hrlr.pipeline.sdxl import vae_dtype
+
+    assert vae_dtype(SDXL, "full", torch.float16) == torch.float32
+    assert vae_dtype(SDXL, "full", torch.bfloat16) == torch.bfloat16
+    assert vae_dtype(SDXL, "taesd", torch.float16) == torch.float16
+    assert vae_dtype(SD15, "full", torch.float16) == torch.float16

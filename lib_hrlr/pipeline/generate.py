@@ -159,6 +159,7 @@ def generate(
         dtype = backend.model_dtype or dtype  # a resident model computes in its own dtype
         vae_device = resolve_device(params.vae_device)
         vae_dtype = dtype if vae_device.type == device.type else resolve_dtype(params.dtype, vae_device)
+        vae_dtype = sdxl.vae_dtype(backend.config, params.vae, vae_dtype)  # SDXL's VAE overflows in fp16
         if device.type == "cuda":
             meter.cuda_device = device
         cfg: ModelConfig = backend.config

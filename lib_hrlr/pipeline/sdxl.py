@@ -83,3 +83,12 @@ def taesdxl_files(explicit: str | None) -> tuple[Path, Path]:
         raise InvalidInput("taesd_dir", f"'{p}' lacks {', '.join(missing)}, which an SDXL model needs (the SD 1.x "
                                         "taesd_* files have the same shapes but decode SDXL latents wrongly)")
     return p / TAESDXL_FILES[0], p / TAESDXL_FILES[1]
+
+
+def vae_dtype(cfg: ModelConfig, vae_mode: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the VAE passes: SDXL's full VAE overflows in float16 (its decoder's
+    activations exceed 65504 and come out as inf/NaN), so it runs in float32 instead;
+    bfloat16 (float32's range) and TAESDXL are kept as asked."""
+    if is_sdxl(cfg) and vae_mode == "full" and dtype == torch.float16:
+        return torch.float32
+    return dtype

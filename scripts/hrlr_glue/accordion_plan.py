@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from lib_hrlr.errors import InvalidInput
 from lib_hrlr.tiling.plan import TILE_MULTIPLE, TilePlan, plan_tiles
 
-from .request import SD1, VAE_CHOICES, WEIGHTING_CHOICES
+from .request import DEFAULTS, SD1, VAE_CHOICES, WEIGHTING_CHOICES, label_of
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class AccordionArgs:
     tile: int = SD1.tile  # latent px
     overlap: int = SD1.overlap  # latent px
     tiles_per_call: int = 1
-    weighting: str = "Gaussian"
-    vae: str = "Tiled full VAE"
+    weighting: str = label_of(WEIGHTING_CHOICES, DEFAULTS["weighting"])
+    vae: str = label_of(VAE_CHOICES, DEFAULTS["vae"])
 
     @property
     def weighting_value(self) -> str:

@@ -45,6 +45,12 @@ VAE_CHOICES = {"Tiled full VAE": "full", "TAESD": "taesd"}
 WEIGHTING_CHOICES = {"Gaussian": "gaussian", "Uniform": "uniform"}
 LOWRAM_DTYPE_CHOICES = {"Follow the webui": "webui", "bf16": "bf16", "fp32": "fp32"}
 REGION_HEADERS = ["x", "y", "w", "h", "weight", "prompt"]
+
+
+def label_of(choices: dict, value: str) -> str:
+    """The UI label of a request value (``"gaussian"`` -> ``"Gaussian"``)."""
+    return next(k for k, v in choices.items() if v == value)
+
 # the regions table starts with this row (skipped while its prompt is empty): a usable template,
 # not a row of zeros that would be rejected as weight 0
 REGION_TEMPLATE = [0, 0, 512, 512, 1.0, ""]

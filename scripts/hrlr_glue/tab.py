@@ -14,7 +14,7 @@ from lib_hrlr.errors import HrlrError, Interrupted
 from . import infotext_paste as paste
 from .memory_html import error_html, memory_html, warnings_html
 from .request import (DEFAULTS, LOWRAM_DTYPE_CHOICES, REGION_HEADERS, REGION_TEMPLATE, SD1, SIZE_PRESETS,
-                      VAE_CHOICES, WEIGHTING_CHOICES, HrlrRequest, regions_from_table, request_from)
+                      VAE_CHOICES, WEIGHTING_CHOICES, HrlrRequest, label_of, regions_from_table, request_from)
 from .run import output_dir, run_generation
 from .samplers import sampler_names, scheduler_names
 
@@ -163,7 +163,8 @@ def on_ui_tabs(send: PngInfoSend):
                         c["tile_batch"] = gr.Slider(0, 16, value=0, step=1,
                                                     label=f"{TILES_PER_CALL} (0 = as many as the budget allows)",
                                                     elem_id="hrlr_tile_batch")
-                    c["weighting"] = gr.Radio(list(WEIGHTING_CHOICES), value="Gaussian", label="Tile weights",
+                    c["weighting"] = gr.Radio(list(WEIGHTING_CHOICES),
+                                              value=label_of(WEIGHTING_CHOICES, DEFAULTS["weighting"]), label="Tile weights",
                                               elem_id="hrlr_weighting")
                     c["regions"] = gr.Dataframe(headers=REGION_HEADERS, datatype=["number"] * 5 + ["str"],
                                                 value=[list(REGION_TEMPLATE)], row_count=(1, "dynamic"),
@@ -172,15 +173,17 @@ def on_ui_tabs(send: PngInfoSend):
                                                       "rows without a prompt are skipped)",
                                                 elem_id="hrlr_regions")
                 with FormRow():
-                    c["vae"] = gr.Radio(list(VAE_CHOICES), value="Tiled full VAE", label="VAE", elem_id="hrlr_vae")
+                    c["vae"] = gr.Radio(list(VAE_CHOICES), value=label_of(VAE_CHOICES, DEFAULTS["vae"]), label="VAE",
+                                        elem_id="hrlr_vae")
                     c["budget_mb"] = gr.Number(value=DEFAULTS["budget_mb"], label="Memory budget (MB)", precision=0,
                                                elem_id="hrlr_budget")
                 with FormRow():
-                    c["lowram"] = gr.Checkbox(False, label="LowRAM mode (stream the UNet from the checkpoint file)",
+                    c["lowram"] = gr.Checkbox(_default("lowram"), label="LowRAM mode (stream the UNet from the checkpoint file)",
                                               elem_id="hrlr_lowram")
-                    c["lowram_dtype"] = gr.Radio(list(LOWRAM_DTYPE_CHOICES), value="Follow the webui",
+                    c["lowram_dtype"] = gr.Radio(list(LOWRAM_DTYPE_CHOICES),
+                                                 value=label_of(LOWRAM_DTYPE_CHOICES, _default("lowram_dtype")),
                                                  label="LowRAM precision", elem_id="hrlr_lowram_dtype")
-                    c["restore_model"] = gr.Checkbox(True, label="Reload the webui's model afterwards",
+                    c["restore_model"] = gr.Checkbox(_default("restore_model"), label="Reload the webui's model afterwards",
                                                      elem_id="hrlr_restore")
             with gr.Column(scale=1):
                 panel = ui_common.create_output_panel(TABNAME, output_dir())

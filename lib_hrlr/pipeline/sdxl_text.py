@@ -47,12 +47,15 @@ def encode_text_sdxl(ckpt: Checkpoint, prompts: Sequence[str], zero_if_empty: Se
     """One :class:`SdxlCondition` (context (1, 77 k, 2048), pooled (1, 1280); float32, CPU) per prompt."""
     if ckpt.config.text2 is None:
         raise InvalidInput("model", f"'{ckpt.name}' is not an SDXL model: it has one text encoder")
+    from ..text.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer()
     # first pass: which ids each encoder is called with (tokenizing is cheap; the encoders are not built)
     rec_l, rec_g = _Replay(), _Replay()
-    encode_prompts_sdxl(rec_l, rec_g, prompts, zero_if_empty=zero_if_empty)
+    encode_prompts_sdxl(rec_l, rec_g, prompts, zero_if_empty=zero_if_empty, tokenizer=tokenizer)
     rec_l.answers = _run_streamed(ckpt, "text", rec_l.calls, dtype, device, cache_bytes)
     rec_g.answers = _run_streamed(ckpt, "text2", rec_g.calls, dtype, device, cache_bytes)
-    return encode_prompts_sdxl(rec_l, rec_g, prompts, zero_if_empty=zero_if_empty)
+    return encode_prompts_sdxl(rec_l, rec_g, prompts, zero_if_empty=zero_if_empty, tokenizer=tokenizer)
 
 
 class _Replay:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from lib_hrlr.config.architectures import ARCHITECTURES
 from lib_hrlr.errors import InvalidInput
 from lib_hrlr.pipeline.params import GenerationParams, with_model_defaults
-from lib_hrlr.tiling.regions import Region
+from lib_hrlr.tiling.regions import WEIGHT_HELP, Region
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationParams)}
 # the engine's model-dependent defaults resolved for SD 1.x: what the tab's sliders start at
@@ -62,7 +62,7 @@ class RegionModel(BaseModel):
     w: int
     h: int
     prompt: str
-    weight: float = 1.0
+    weight: float = Field(1.0, description=WEIGHT_HELP)
 
 
 class HrlrRequest(BaseModel):

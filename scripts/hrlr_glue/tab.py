@@ -10,6 +10,7 @@ from modules import call_queue, infotext_utils, shared, ui_common
 from modules.ui_components import FormRow, ToolButton
 
 from lib_hrlr.errors import HrlrError, Interrupted
+from lib_hrlr.tiling.regions import WEIGHT_HELP
 
 from . import infotext_paste as paste
 from .memory_html import error_html, memory_html, warnings_html
@@ -169,9 +170,9 @@ def on_ui_tabs(send: PngInfoSend):
                     c["regions"] = gr.Dataframe(headers=REGION_HEADERS, datatype=["number"] * 5 + ["str"],
                                                 value=[list(REGION_TEMPLATE)], row_count=(1, "dynamic"),
                                                 col_count=(6, "fixed"), type="array",
-                                                label="Regions (pixels; weight 1 = as strong as the prompt; "
-                                                      "rows without a prompt are skipped)",
-                                                elem_id="hrlr_regions")
+                                                label="Regions (pixels; weight 1 = the region's prompt alone "
+                                                      "inside it; rows without a prompt are skipped)",
+                                                tooltip=WEIGHT_HELP, elem_id="hrlr_regions")
                 with FormRow():
                     c["vae"] = gr.Radio(list(VAE_CHOICES), value=label_of(VAE_CHOICES, DEFAULTS["vae"]), label="VAE",
                                         elem_id="hrlr_vae")

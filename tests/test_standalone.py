@@ -453,7 +453,7 @@ def test_bench_upscale_mode_gives_the_bench_keys(tmp_path, photo):
     j = tmp_path / "b.json"
     p = subprocess.run([sys.executable, "-m", "lib_hrlr", "bench", "--mode", "upscale", "--arch", "tiny", "--image",
                         str(photo), "--width", "192", "--height", "160", "--steps", "4", "--json", str(j)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr
     d = json.loads(j.read_text())
     for k in ("peak_rss_mb", "wall_s", "unet_evals", "unet_eval_s", "overhead_ratio", "modules", "tiles", "tile_batch"):
@@ -461,3 +461,17 @@ def test_bench_upscale_mode_gives_the_bench_keys(tmp_path, photo):
     assert d["mode"] == "upscale" and d["source_size"] == "96x80"
     assert d["unet_evals"] > 0 and "base_unet" not in {m["name"] for m in d["modules"]}
     assert 100 < d["peak_rss_mb"] < 800
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Python API"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    first, second = p.stdout.strip().splitlines()
+    assert first.startswith("lighthouse.png 1 ")
+    assert second.startswith("(512, 512)") and "HRLR source size: 256x256" in second
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["lighthouse-2x.png", "lighthouse.png"]

@@ -24,5 +24,10 @@ class BudgetError(HrlrError):
     """The plan cannot fit in the memory budget."""
 
 
+class DiskError(HrlrError):
+    """A folder the run writes to (spill files, the output) is missing, read-only, RAM-backed
+    or full; ``field`` names the option that chooses it (``spill_dir``, ``out``)."""
+
+
 class Interrupted(Exception):
     """Raised inside a run when the caller asked it to stop."""

@@ -237,3 +237,29 @@ def test_diffusers_refiner_and_sdxl_without_second_encoder_refused(tmp_path, tin
     index["_class_name"] = "StableDiffusionPipeline"
     (lone / "model_index.json").write_text(json.dumps(index))
     refused(lone, "looks like SDXL", "no text_encoder_2")
+
+
+def test_the_published_sdxl_diffusers_configs_give_the_sdxl_architecture():
+    """stabilityai/stable-diffusion-xl-base-1.0's config.json values, written out."""
+    from lib_hrlr.weights.checkpoint import config_from_diffusers
+
+    unet = {"act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+            "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "flip_sin_to_cos": True, "in_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 4,
+            "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True}
+    vae = {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True,
+           "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+           "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4}
+    text = {"hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+            "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12, "projection_dim": 768,
+            "vocab_size": 49408}
+    text2 = {"hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120, "layer_norm_eps": 1e-05,
+             "max_position_embeddings": 77, "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280,
+             "vocab_size": 49408}
+    cfg = config_from_diffusers(unet, vae, text, "sdxl-base", text2=text2)
+    assert cfg == SDXL and cfg.name == "sdxl"
+    refiner_like = dict(unet, projection_class_embeddings_input_dim=2560)
+    with pytest.raises(CheckpointError, match="2560 wide: the SDXL refiner"):
+        config_from_diffusers(refiner_like, vae, text, "x", text2=text2)

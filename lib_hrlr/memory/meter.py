@@ -115,9 +115,13 @@ class MemoryReport:
     wall_s: float
     entries: list[Entry]
     run_peak_rss_mb: float = 0.0  # highest RSS seen while the meter ran (VmHWM rises included)
+    spill_mb: float | None = None  # the run's spill files at their peak (on disk, not in the RSS)
+    spill_dir: str | None = None
 
     def as_dict(self) -> dict:
         return {
+            "spill_mb": None if self.spill_mb is None else round(self.spill_mb, 1),
+            "spill_dir": self.spill_dir,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "baseline_rss_mb": round(self.baseline_rss_mb, 1),
             "peak_vram_mb": None if self.peak_vram_mb is None else round(self.peak_vram_mb, 1),
@@ -155,6 +159,8 @@ class MemoryReport:
         if vram:
             tail += f"{'':>7}{self.peak_vram_mb:>14.1f}"
         lines.append(tail)
+        if self.spill_mb is not None:
+            lines.append(f"{'spill files on disk (not RSS)':<34}{self.spill_mb:>12.1f}  in {self.spill_dir}")
         return "\n".join(lines)
 
 
@@ -164,6 +170,8 @@ class MemoryMeter:
     def __init__(self, interval_s: float = 0.005, cuda_device=None):
         self.interval_s = interval_s
         self.cuda_device = cuda_device
+        # set by the run once it has chosen its spill folder: (peak spill bytes, folder)
+        self.spill: tuple[int, str] | None = None
         self._entries: dict[str, Entry] = {}
         self._open: list[Entry] = []
         self._lock = threading.Lock()
@@ -302,6 +310,8 @@ class MemoryMeter:
             wall_s=wall,
             entries=entries,
             run_peak_rss_mb=self._run_peak,
+            spill_mb=None if self.spill is None else self.spill[0] / MB,
+            spill_dir=None if self.spill is None else self.spill[1],
         )
 
 

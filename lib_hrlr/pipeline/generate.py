@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from ..config.architectures import ModelConfig
 from ..image.guide import UpscaledImageSource
 from ..image.png import write_png
+from ..image.spill import choose_spill_dir, disk_full_error
 from ..memory import budget
 from ..memory.budget import BudgetPlan, plan_budget
 from ..memory.meter import MemoryMeter, rss_mb
@@ -31,6 +32,7 @@ from ..tiling.mixture import MixtureDenoiser
 from ..tiling.plan import plan_tiles
 from ..errors import InvalidInput
 from ..image.init_image import InitImage, load_init_image
+from .disk import check_output_folder, estimate_run_spill_bytes, png_bytes_bound
 from .params import GenerationParams, base_size, validate, with_model_defaults
 from .progress import Progress
 from .work import stage_work
@@ -165,6 +167,7 @@ def generate(
         cfg: ModelConfig = backend.config
         params = with_model_defaults(params, cfg)
         validate(params, cfg)
+        check_output_folder(params.out, png_bytes_bound(params.width, params.height))
         params = params.with_seed()
         f = cfg.vae.downscale
         lh, lw = params.height // f, params.width // f
@@ -204,6 +207,14 @@ def generate(
             canvas_pixels=lh * lw,
         )
         say(plan.table())
+        # the spill folder: checked (writable, on disk, room for the planned spill) before any UNet call
+        spill = choose_spill_dir(params.spill_dir, estimate_run_spill_bytes(params, cfg, vae_dtype))
+        if spill.warning:
+            say(f"warning: {spill.warning}")
+        params = replace(params, spill_dir=spill.path)
+        meter.spill = (spill.need_bytes, spill.path)
+        stats["spill"] = {"planned_bytes": spill.need_bytes, "dir": spill.path, "filesystem": spill.filesystem,
+                          "free_bytes": spill.free_bytes, "warning": spill.warning}
         cache_bytes = int(plan.unet_cache_mb * 1024 * 1024)
         noise = NoiseSource(params.seed)
         backend.prepare(RunSettings(dtype=dtype, device=device, vae_dtype=vae_dtype, vae_device=vae_device,
@@ -320,6 +331,8 @@ def generate(
         with meter.stage("png_write"):
             try:
                 write_png(params.out, arr, {"parameters": infotext})
+            except OSError as e:  # the disk filled up (or failed) under the PNG: nothing is left
+                raise disk_full_error("out", os.path.dirname(os.path.abspath(params.out)), e, "the PNG") from None
             finally:
                 arr.close()
         stats["unet_evals"] = stats["base_unet_evals"] + stats["tiled_unet_evals"]

@@ -422,6 +422,22 @@ def encode_tiled(
     return latent
 
 
+def estimate_encode_spill_bytes(encoder: TAESDEncoder, height: int, width: int) -> int:
+    """Peak bytes of spill files :func:`encode_tiled` keeps open for a ``height x width`` image:
+    each piece's output but the last is spilled in the encoder's dtype, and at most two are
+    open at once (the one being read and the one being written).  ``encoder`` may live on
+    ``meta``."""
+    _, dtype = _model_place(encoder)
+    spill_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    item = torch.empty((), dtype=spill_dtype).element_size()
+    sizes, h, w = [], int(height), int(width)
+    for seg in _segments(encoder)[:-1]:
+        layers = [layer_ops(m) for m in seg]
+        h, w = _out_size(layers, h), _out_size(layers, w)
+        sizes.append(h * w * seg[-1].out_channels * item)
+    return max([a + b for a, b in zip(sizes, sizes[1:])] + sizes + [0])
+
+
 def _spill_reader(arr: SpillArray, device: torch.device, dtype: torch.dtype):
     def read(y0, y1, x0, x1):
         return arr.read(y0, y1, x0, x1).to(device=device, dtype=dtype).unsqueeze(0)

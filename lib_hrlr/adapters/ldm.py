@@ -77,7 +77,12 @@ class LdmBackend:
     def unet_total_mb(self, dtype: torch.dtype) -> float:
         return 0.0  # resident already: counted in the process RSS, not in the run's budget
 
-    def encode_text(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
+    def encode_text(self, prompts: list[str], clip_skip: int, should_stop=None) -> list[torch.Tensor]:
+        # the webui's conditioning encodes every chunk in one call: the run can stop before it only
+        if should_stop is not None and should_stop():
+            from ..errors import Interrupted
+
+            raise Interrupted("text encoding stopped by request")
         with torch.no_grad(), self.wrap_call():
             c = self.text_fn(list(prompts))
         if isinstance(c, dict):  # SDXL-style conditioning: cross-attention part only

@@ -9,9 +9,10 @@ numbers (dtype, device, weight cache) and offers:
 * ``resident_mb`` — weights already in memory before the run (0 when streamed);
 * ``model_dtype`` — the dtype a resident UNet computes in (the run follows it), or None
   when the weights are materialised in whatever dtype the run asks for;
-* ``encode_text(prompts, clip_skip)`` — one float32 ``(1, 77k, ctx)`` conditioning per prompt
-  (SDXL: one :class:`~lib_hrlr.text.sdxl_conditioning.SdxlCondition`, context and pooled,
-  with ``zero_if_empty`` marking the negative prompt);
+* ``encode_text(prompts, clip_skip, should_stop=None)`` — one float32 ``(1, 77k, ctx)``
+  conditioning per prompt (SDXL: one :class:`~lib_hrlr.text.sdxl_conditioning.SdxlCondition`,
+  context and pooled, with ``zero_if_empty`` marking the negative prompt); ``should_stop()``
+  is polled between 75-token chunks where the backend encodes them itself;
 * ``unet()`` — a context manager yielding ``eps(x, t, context)``;
 * ``decode(latent, ...)`` / ``encode(source, ...)`` — tiled VAE passes on *scaled* latents.
 
@@ -61,7 +62,7 @@ class Backend(Protocol):
 
     def prepare(self, settings: RunSettings, meter: MemoryMeter | None) -> None: ...
 
-    def encode_text(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]: ...
+    def encode_text(self, prompts: list[str], clip_skip: int, should_stop=None) -> list[torch.Tensor]: ...
 
     def unet(self) -> ContextManager[Callable]: ...
 
@@ -112,7 +113,7 @@ class CheckpointBackend:
     def unet_total_mb(self, dtype: torch.dtype) -> float:
         return components.component_mb(self.ckpt, "unet", dtype)
 
-    def encode_text(self, prompts: list[str], clip_skip: int, zero_if_empty=None) -> list:
+    def encode_text(self, prompts: list[str], clip_skip: int, zero_if_empty=None, should_stop=None) -> list:
         s = self.settings
         if self.config.family == "sdxl":
             from ..errors import InvalidInput
@@ -124,10 +125,11 @@ class CheckpointBackend:
             if clip_skip != 1:
                 raise InvalidInput("clip_skip", f"{clip_skip}; SDXL conditions on fixed layers (the webui ignores clip "
                                                 "skip for SDXL too): use 1")
-            return encode_text_sdxl(self.ckpt, prompts, zero_if_empty, s.dtype, s.device, s.cache_bytes)
+            return encode_text_sdxl(self.ckpt, prompts, zero_if_empty, s.dtype, s.device, s.cache_bytes,
+                                    should_stop=should_stop)
         with self._merger("text") as merge:
             return components.encode_text(self.ckpt, prompts, clip_skip, s.dtype, s.device, s.cache_bytes,
-                                          transform=merge, embeddings=self.embeddings)
+                                          transform=merge, embeddings=self.embeddings, should_stop=should_stop)
 
     @contextlib.contextmanager
     def unet(self):

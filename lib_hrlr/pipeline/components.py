@@ -127,11 +127,12 @@ class DeviceModel:
 
 # ------------------------------------------------------------------------------------ text
 def encode_text(ckpt: Checkpoint, prompts: list[str], clip_skip: int, dtype: torch.dtype,
-                device: torch.device, cache_bytes: int, transform=None, embeddings=None) -> list[torch.Tensor]:
+                device: torch.device, cache_bytes: int, transform=None, embeddings=None,
+                should_stop=None) -> list[torch.Tensor]:
     """Conditionings (1, 77k, hidden) float32 on the CPU, one per prompt; the encoder is gone afterwards.
 
     ``transform``: the streamer's weight transform (a LoRA merger); ``embeddings``: name ->
-    textual-inversion vectors."""
+    textual-inversion vectors; ``should_stop()``: polled before every 75-token chunk (Interrupted)."""
     from ..text.clip_text import ClipTextEncoder
     from ..text.prompts import encode_prompts
 
@@ -139,7 +140,8 @@ def encode_text(ckpt: Checkpoint, prompts: list[str], clip_skip: int, dtype: tor
     enc = _meta(lambda: ClipTextEncoder(cfg.text))
     with torch.inference_mode(), WeightStreamer(enc, ckpt.component("text"), dtype=dtype, device=device,
                                                 cache_bytes=cache_bytes, transform=transform):
-        ctx = encode_prompts(_DeviceEncoder(enc, device), prompts, clip_skip=clip_skip, embeddings=embeddings)
+        ctx = encode_prompts(_DeviceEncoder(enc, device), prompts, clip_skip=clip_skip, embeddings=embeddings,
+                             should_stop=should_stop)
     return [c.float().cpu() for c in ctx]
 
 

@@ -234,9 +234,10 @@ def generate(
             prog.stage("text", len(prompts))
             if sdxl.is_sdxl(cfg):  # the empty negative prompt is zeros, as the webui does for SDXL
                 contexts, pooled = sdxl.split_conditions(backend.encode_text(
-                    prompts, params.clip_skip, zero_if_empty=[i == 1 for i in range(len(prompts))]))
+                    prompts, params.clip_skip, zero_if_empty=[i == 1 for i in range(len(prompts))],
+                    should_stop=should_stop))
             else:
-                contexts = backend.encode_text(prompts, params.clip_skip)
+                contexts = backend.encode_text(prompts, params.clip_skip, should_stop=should_stop)
             prog.update(len(prompts))
         trim_allocator()
         cond, uncond, region_ctx = contexts[0], contexts[1], contexts[2:]

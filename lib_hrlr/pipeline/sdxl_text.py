@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import InvalidInput
+from ..errors import Interrupted, InvalidInput
 from ..text.sdxl_conditioning import SdxlCondition, encode_prompts_sdxl
 from ..weights.checkpoint import Checkpoint
 from ..weights.streaming import WeightStreamer
@@ -23,7 +23,7 @@ TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 
 
 def _run_streamed(ckpt: Checkpoint, comp: str, calls: list[torch.Tensor], dtype: torch.dtype, device: torch.device,
-                  cache_bytes: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+                  cache_bytes: int, should_stop=None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     from ..text.clip_text import ClipTextEncoder
     from ..text.token_rows import read_token_rows
 
@@ -35,7 +35,9 @@ def _run_streamed(ckpt: Checkpoint, comp: str, calls: list[torch.Tensor], dtype:
     sources = ckpt.component(comp)
     out = []
     with torch.inference_mode(), WeightStreamer(enc, sources, dtype=dtype, device=device, cache_bytes=cache_bytes):
-        for ids in calls:
+        for i, ids in enumerate(calls):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"text encoding stopped by request after {i} of {len(calls)} chunks ({comp})")
             rows = read_token_rows(sources[TOKEN_EMBEDDING], ids, dtype).to(device)
             hidden, pooled = enc.encode_sdxl(ids.to(device), token_embeds=rows)
             out.append((hidden.float().cpu(), None if pooled is None else pooled.float().cpu()))
@@ -43,8 +45,10 @@ def _run_streamed(ckpt: Checkpoint, comp: str, calls: list[torch.Tensor], dtype:
 
 
 def encode_text_sdxl(ckpt: Checkpoint, prompts: Sequence[str], zero_if_empty: Sequence[bool] | None, dtype: torch.dtype,
-                     device: torch.device, cache_bytes: int = 0) -> list[SdxlCondition]:
-    """One :class:`SdxlCondition` (context (1, 77 k, 2048), pooled (1, 1280); float32, CPU) per prompt."""
+                     device: torch.device, cache_bytes: int = 0, should_stop=None) -> list[SdxlCondition]:
+    """One :class:`SdxlCondition` (context (1, 77 k, 2048), pooled (1, 1280); float32, CPU) per prompt.
+
+    ``should_stop()``: polled before every chunk's call of either encoder (Interrupted)."""
     if ckpt.config.text2 is None:
         raise InvalidInput("model", f"'{ckpt.name}' is not an SDXL model: it has one text encoder")
     from ..text.tokenizer import ClipTokenizer
@@ -53,8 +57,8 @@ def encode_text_sdxl(ckpt: Checkpoint, prompts: Sequence[str], zero_if_empty: Se
     # first pass: which ids each encoder is called with (tokenizing is cheap; the encoders are not built)
     rec_l, rec_g = _Replay(), _Replay()
     encode_prompts_sdxl(rec_l, rec_g, prompts, zero_if_empty=zero_if_empty, tokenizer=tokenizer)
-    rec_l.answers = _run_streamed(ckpt, "text", rec_l.calls, dtype, device, cache_bytes)
-    rec_g.answers = _run_streamed(ckpt, "text2", rec_g.calls, dtype, device, cache_bytes)
+    rec_l.answers = _run_streamed(ckpt, "text", rec_l.calls, dtype, device, cache_bytes, should_stop)
+    rec_g.answers = _run_streamed(ckpt, "text2", rec_g.calls, dtype, device, cache_bytes, should_stop)
     return encode_prompts_sdxl(rec_l, rec_g, prompts, zero_if_empty=zero_if_empty, tokenizer=tokenizer)
 
 

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from lib_hrlr.errors import InvalidInput
+from lib_hrlr.errors import Interrupted, InvalidInput
 from lib_hrlr.text.extra_networks import strip_network_tags
 
 CHUNK_TOKENS = 75  # prompt tokens per chunk
@@ -340,7 +340,8 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def encode_prompts(encoder, prompts: Sequence[str], clip_skip: int = 1, *, tokenizer: Tokenizer | None = None,
                    comma_backtrack: int = DEFAULT_COMMA_BACKTRACK,
-                   embeddings: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+                   embeddings: Mapping[str, torch.Tensor] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
     """Condition tensors ``(1, 77 * k, hidden)``, one per prompt, same ``k`` for all.
 
     ``encoder(input_ids, clip_skip=...)`` is a :class:`~lib_hrlr.text.clip_text.ClipTextEncoder`
@@ -349,6 +350,8 @@ def encode_prompts(encoder, prompts: Sequence[str], clip_skip: int = 1, *, token
     CLIP's (:class:`~lib_hrlr.text.tokenizer.ClipTokenizer`, loaded for this call).
     ``embeddings`` (name -> vectors (n, hidden)): chunks that use one call
     ``encoder(ids, clip_skip=..., token_vectors=[(row, position, vectors), ...])``.
+    ``should_stop()`` is polled before every chunk's encoder call; a true answer raises
+    :class:`~lib_hrlr.errors.Interrupted` (a long prompt stops within one chunk).
     """
     if tokenizer is None:
         from lib_hrlr.text.tokenizer import ClipTokenizer
@@ -363,6 +366,8 @@ def encode_prompts(encoder, prompts: Sequence[str], clip_skip: int = 1, *, token
     pieces: list[list[torch.Tensor]] = [[] for _ in batch]
     with torch.no_grad():
         for i in range(len(batch[0].chunks)):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"text encoding stopped by request after {i} of {len(batch[0].chunks)} chunks")
             ids = torch.tensor([p.chunks[i].tokens for p in batch], dtype=torch.long, device=device)
             fixes = [(j, pos, embeddings[name]) for j, p in enumerate(batch) for pos, name in p.chunks[i].fixes]
             z = encoder(ids, clip_skip=clip_skip, token_vectors=fixes) if fixes else encoder(ids, clip_skip=clip_skip)

@@ -5,7 +5,10 @@ Order: ``--taesd-dir``, ``$HRLR_TAESD_DIR``, then the user cache
 When the files are not there, they are fetched from the Hugging Face hub
 (``madebyollin/taesd``, MIT licence) into the cache, with huggingface_hub's progress bar,
 but only when online: without huggingface_hub, with ``HF_HUB_OFFLINE`` set, or when the
-hub cannot be reached, it fails at once and says where to put which files.
+hub cannot be reached, it fails at once and says where to put which files.  "Cannot be
+reached" is decided by one TCP connection to the hub's host (or to the proxy the environment
+names) that must answer within :data:`HUB_PROBE_TIMEOUT_S`, name lookup included, before
+huggingface_hub is asked (it retries a dead network for half a minute).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..errors import InvalidInput
 
 REPOS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
 FIELD = "taesd_dir"
+HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt, no retries
 
 
 def files_of(kind: str = "taesd") -> tuple[str, str]:
@@ -50,6 +54,46 @@ def _offline_reason() -> str | None:
     return None
 
 
+def _probe_target(endpoint: str) -> tuple[str, int]:
+    """(host, port) a download from ``endpoint`` connects to first: the proxy if one is set."""
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(endpoint).scheme or "https"
+    names = ("HTTPS_PROXY", "https_proxy") if scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    proxy = next((os.environ[n] for n in names + ("ALL_PROXY", "all_proxy") if os.environ.get(n)), None)
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy
+    url = urlsplit(proxy or endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return url.hostname or "", port
+
+
+def hub_unreachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be reached (one TCP connection within ``timeout`` s, name lookup
+    included, no retries), or None when it answered."""
+    import socket
+    import threading
+
+    if endpoint is None:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    host, port = _probe_target(endpoint)
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{host}:{port}: {e.strerror or e}")
+
+    t = threading.Thread(target=probe, daemon=True)  # name lookup has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return result[0] if result else f"{host}:{port}: no answer within {timeout:g} s"
+
+
 def _where_to_put(kind: str, folder: Path) -> str:
     a, b = files_of(kind)
     return (f"download {a} and {b} from https://huggingface.co/{REPOS[kind]} into {folder} "
@@ -61,6 +105,10 @@ def fetch(kind: str, folder: Path) -> Path:
     reason = _offline_reason()
     if reason is not None:
         raise InvalidInput(FIELD, f"the TAESD weights are not in {folder} and {reason}: {_where_to_put(kind, folder)}")
+    unreachable = hub_unreachable()
+    if unreachable is not None:
+        raise InvalidInput(FIELD, f"the TAESD weights are not in {folder} and the Hugging Face hub cannot be reached "
+                                  f"({unreachable}): {_where_to_put(kind, folder)}")
     from huggingface_hub import hf_hub_download
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,8 @@ def _add_run_options(g, strength: float, strength_help: str) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--vae-device", default="cpu", help="where the VAE runs (cpu keeps VRAM for the UNet)")
     g.add_argument("--budget-mb", type=float, default=800.0)
-    g.add_argument("--spill-dir", default=None, help="folder for the tiled VAE's temporary files (default: system temp)")
+    g.add_argument("--spill-dir", default=None, help="folder on a disk for the tiled VAE's temporary files, checked for room before the run "
+                        "(default: $HRLR_SPILL_DIR, else the system temp folder, or ~/.cache/hrlr/spill where that is tmpfs)")
     g.add_argument("--out", default=None,
                    help="the PNG to write (NAME-SEED.png each with --batch-count); default: "
                         "OUTDIR/txt2img-images (img2img-, upscale-)/YYYY-MM-DD/NNNNN-SEED.png, never overwriting")

@@ -146,9 +146,30 @@ def test_budget_and_taesd_messages_lose_their_cli_flags():
 
 def test_region_fields_and_cross_references_become_regions():
     assert names.api_field("region[3]") == "regions[3]" and names.api_field("region[0].prompt") == "regions[0].prompt"
-    e = names.api_error(InvalidInput("region[1]", "overlaps region[0]; regions must not overlap"))
-    assert str(e) == "regions[1]: overlaps regions[0]; regions must not overlap"
+    e = names.api_error(InvalidInput("region[1]", "lies beside region[0]; see region[0]"))
+    assert str(e) == "regions[1]: lies beside regions[0]; see regions[0]"
     assert names.api_error(e).field == "regions[1]"  # mapping twice changes nothing
+
+
+def test_overlapping_regions_pass_the_glue_as_the_engine_accepts_and_blends_them():
+    # the glue has no region check of its own: a request the engine accepts passes, and the
+    # engine's refusal comes back in the request's field names
+    from lib_hrlr.tiling.mixture import region_shares
+
+    req = HrlrRequest(prompt="x", width=512, height=512, regions=[
+        RegionModel(x=0, y=0, w=256, h=256, prompt="a red sky", weight=1.0),
+        RegionModel(x=128, y=128, w=256, h=256, prompt="a blue sea", weight=3.0)])
+    check_limits(req)
+    p = with_model_defaults(to_params(req, model="m.safetensors"), SD15)
+    validate(p, SD15)
+    # inside both rectangles' cores the engine splits the blend 1 : 3
+    share0, (a, b) = region_shares(p.regions, 64, 64)
+    y, x = 24, 24  # latent px (192, 192 image px), deep inside both regions
+    assert float(share0[y, x]) == 0.0
+    assert float(a[y, x]) == pytest.approx(0.25) and float(b[y - 16, x - 16]) == pytest.approx(0.75)
+    outside = dataclasses.replace(p, regions=p.regions + (dataclasses.replace(p.regions[0], x=384),))
+    e = names.api_error(_engine_error(lambda: validate(outside, SD15)))
+    assert e.field == "regions[2]" and "inside the 512x512 image" in str(e)
 
 
 # ----------------------------------------------------------------------------- regions table

@@ -98,8 +98,6 @@ def test_route_returns_2048_image_with_memory_report_and_infotext_round_trips(we
     ({"scheduler": "Weekly"}, "scheduler", "unknown scheduler"),
     ({"overlap": 64}, "overlap", "smaller than the tile"),
     ({"regions": [{"x": 400, "y": 0, "w": 200, "h": 104, "prompt": "a"}]}, "regions[0]", "inside"),
-    ({"regions": [{"x": 0, "y": 0, "w": 256, "h": 256, "prompt": "a"},
-                  {"x": 128, "y": 128, "w": 256, "h": 256, "prompt": "b"}]}, "region", "overlap"),
     ({"budget_mb": 10}, "budget_mb", "raise"),
 ])
 def test_bad_input_is_422_naming_the_field_and_webui_keeps_answering(webui, body, field, words):
@@ -110,6 +108,16 @@ def test_bad_input_is_422_naming_the_field_and_webui_keeps_answering(webui, body
     assert detail["loc"][-1].startswith(field) and words in detail["msg"], detail
     code, _ = webui.get("/sdapi/v1/options")
     assert code == 200
+
+
+def test_overlapping_regions_are_accepted_as_the_engine_accepts_them(webui):
+    # the glue validates as the engine does: overlapping regions split the blend by weight
+    code, res = webui.post("/hrlr/v1/txt2img", {
+        "prompt": "x", "width": 512, "height": 512, "steps": 1, "send_images": False,
+        "regions": [{"x": 0, "y": 0, "w": 256, "h": 256, "prompt": "a red sky", "weight": 1.0},
+                    {"x": 128, "y": 128, "w": 256, "h": 256, "prompt": "a blue sea", "weight": 2.0}]})
+    assert code == 200, res
+    assert "a red sky" in res["info"] and "a blue sea" in res["info"]
 
 
 def test_accordion_args_by_name_match_positional_args_and_odd_sizes_work(webui):

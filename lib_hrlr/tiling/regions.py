@@ -141,13 +141,3 @@ def validate_regions(regions: Sequence[Region], width: int, height: int) -> None
                 field,
                 f"must lie inside the {width}x{height} image; it spans x {r.x}..{r.x + r.w}, y {r.y}..{r.y + r.h}",
             )
-
-
-def check_disjoint(regions: Sequence[Region]) -> None:
-    """Refuse overlapping rectangles (the webui's region table and API ask for disjoint regions:
-    an overlap there is nearly always a typo, and its blend would be hard to predict)."""
-    for i, a in enumerate(regions):
-        for j in range(i):
-            b = regions[j]
-            if a.x < b.x + b.w and b.x < a.x + a.w and a.y < b.y + b.h and b.y < a.y + a.h:
-                raise InvalidInput(f"region[{i}]", f"overlaps region[{j}]; regions must not overlap")

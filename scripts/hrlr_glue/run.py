@@ -26,7 +26,6 @@ from lib_hrlr.pipeline.params import validate, with_model_defaults
 from lib_hrlr.pipeline.progress import format_eta
 from lib_hrlr.runtime import DTYPE_NAMES, tune_allocator
 from lib_hrlr.text.extra_networks import loras_from_prompts
-from lib_hrlr.tiling.regions import check_disjoint
 
 from .lifecycle import current_checkpoint_info, model_config, release_webui_model, restore_webui_model
 from .names import api_error
@@ -142,8 +141,7 @@ def prepare(req: HrlrRequest):
             texts = [params.prompt, params.negative] + [r.prompt for r in params.regions]
             params = replace(params, loras=tuple(params.loras) + found.loras,
                              embeddings=tuple(params.embeddings) + embedding_files(texts))
-        check_disjoint(params.regions)
-        cfg = model_config(info.filename)
+        cfg = model_config(info.filename)  # one validation, the engine's (overlapping regions blend by weight)
         validate(with_model_defaults(params, cfg), cfg)
         params = params.with_seed()
         spec = webui_sampler(req.sampler_name, req.scheduler, params.seed)

@@ -127,11 +127,22 @@ def _add_bench(sub) -> None:
     b.add_argument("--repeats", type=int, default=3, help="with --unet-only: interleaved rounds")
     b.add_argument("--latent", type=int, default=None, help="with --unet-only: latent px (default: the model's tile)")
     b.add_argument("--unet-dtype", default="bf16", choices=("fp32", "bf16"), help="with --unet-only")
-    b.add_argument("--threads", type=int, default=2, help="with --unet-only: torch threads (0: torch's default)")
+    b.add_argument("--threads", type=int, default=2,
+                   help="with --unet-only and --peer: torch threads (0: torch's default)")
     b.add_argument("--allocator", default="tuned", choices=("tuned", "default"),
                    help="with --unet-only: tuned = generate's allocator settings (runtime.tune_allocator)")
     b.add_argument("--cache-mb", type=float, default=0.0, help="with --unet-only: the streamed UNet's weight cache")
     b.add_argument("--no-prefetch", action="store_true", help="with --unet-only: stream without the prefetch thread")
+    # side by side with a peer (lib_hrlr/bench/peer.py), and inside a memory cgroup (lib_hrlr/bench/child.py)
+    b.add_argument("--peer", default=None, choices=("diffusers",),
+                   help="also run the same job with diffusers (MultiDiffusion panorama over our tiles, tiled VAE) "
+                        "in a child process and print speed_ratio per stage and memory_ratio")
+    b.add_argument("--peer-view-batch", type=int, default=None,
+                   help="with --peer: diffusers' view_batch_size (default: our plan's tiles per UNet call)")
+    b.add_argument("--cgroup-limit-mb", type=float, default=None,
+                   help="run the child(ren) in a fresh memory cgroup with this hard limit (page cache counted); "
+                        "refused with the reason where no cgroup can be made")
+    b.add_argument("--cold", action="store_true", help="drop the page cache before each child (needs root)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,3 +99,27 @@ def test_serial_prefetch_converts_without_a_second_openmp_team():
     # main thread's team for the cores
     assert serial["new_threads"] == 1, serial
     assert pool["new_threads"] > serial["new_threads"], pool
+
+
+def test_a_streamed_chunked_unet_reads_each_weight_once_per_call():
+    """The feed-forward chunks over tokens inside its own module, which the pipeline streams as
+    one unit: its weights are read once per UNet call, not once per chunk."""
+    from lib_hrlr.config.architectures import TINY
+    from lib_hrlr.models.unet import FeedForward, UNet
+    from lib_hrlr.weights.checkpoint import open_checkpoint
+    from lib_hrlr.weights.random_checkpoint import cached_random_checkpoint
+    from lib_hrlr.weights.streaming import WeightStreamer
+
+    ck = open_checkpoint(cached_random_checkpoint("tiny"))
+    with torch.device("meta"):
+        unet = UNet(TINY.unet)
+    unet.set_chunking(ff_tokens=40, attn_queries=None)  # 16x16 latent: 256 tokens, 7 chunks at level 0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    c = torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+    file_bytes = sum(src.info.nbytes for src in ck.component("unet").values())
+    with torch.inference_mode(), WeightStreamer(unet, ck.component("unet"), unit_types=(FeedForward,)) as ws:
+        unet(x, torch.tensor([500.0]), c)
+        before = ws.stats.bytes_read
+        unet(x, torch.tensor([500.0]), c)
+        assert ws.stats.bytes_read - before == file_bytes

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,6 +90,10 @@ def run_bench(a) -> int:
 
         run_unet_bench(a)
         return 0
+    if getattr(a, "peer", None):
+        from .peer import run_peer_bench
+
+        return run_peer_bench(a)
     t0 = time.perf_counter()
     ckpt = str(cached_random_checkpoint(a.arch))
     print(f"checkpoint: {ckpt} ({os.path.getsize(ckpt) / 2**30:.2f} GiB, ready in {time.perf_counter() - t0:.0f} s)",
@@ -101,19 +104,23 @@ def run_bench(a) -> int:
         cmd = child_command(a, ckpt, out_png, report, bench_image(a, tmp) if mode == "upscale" else None)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            print(f"bench: generate failed with exit status {proc.returncode}", file=sys.stderr)
-            return proc.returncode if proc.returncode > 0 else 1
+        from .child import CgroupUnavailable, run_child
+
+        try:
+            child = run_child(cmd, env, limit_mb=getattr(a, "cgroup_limit_mb", None), cold=getattr(a, "cold", False))
+        except CgroupUnavailable as e:
+            raise InvalidInput("cgroup_limit_mb", f"no memory cgroup can be made here ({e}); run without it") from None
+        wall = child.wall_s
+        if child.returncode != 0:
+            oom = " (OOM-killed in its memory cgroup)" if child.oom_killed else ""
+            print(f"bench: generate failed with exit status {child.returncode}{oom}; cgroup: {child.cgroup}",
+                  file=sys.stderr)
+            return child.returncode if child.returncode > 0 else 1
         with open(report) as fh:
             rep = json.load(fh)
         if a.keep_image:
             os.replace(out_png, a.keep_image)
-    peak_mb = usage.ru_maxrss / 1024  # kB on Linux
+    peak_mb = child.peak_rss_mb  # the kernel's ru_maxrss (VmHWM)
     st = rep["stats"]
     evals = st["unet_evals"]
     eval_s = st["unet_eval_s"]
@@ -138,6 +145,9 @@ def run_bench(a) -> int:
         "plan": rep["plan"],
         "threads": __import__("torch").get_num_threads(),
     }
+    if child.cgroup:
+        result["cgroup"] = child.cgroup  # limit_mb, peak_mb (page cache included), oom_kills, cold
+        print(f"cgroup: {child.cgroup}", file=sys.stderr)
     for m in modules:
         print(f"  {m['name']:<30} {m['peak_rss_mb']:>9.1f} MB {m['seconds']:>9.2f} s", file=sys.stderr)
     if a.json:

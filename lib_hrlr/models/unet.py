@@ -31,7 +31,8 @@ Inference-oriented details:
   ``nn.LayerNorm``, always called through its ``__call__``, so weights can be streamed in
   by forward pre-hooks on those leaves.  Each leaf is called once per forward, except
   ``ff.net.0.proj`` and ``ff.net.2`` when the feed-forward is chunked: they are called
-  once per token chunk (a streamer that releases weights after each call reloads them);
+  once per token chunk, inside one call of their :class:`FeedForward` (stream that module
+  as one unit to read its weights once per forward);
 * activations are freed as soon as they are used, SiLU and residual additions happen in
   place when no gradient is being recorded;
 * :meth:`UNet.set_chunking` splits the GEGLU feed-forward over tokens and the attention
@@ -271,8 +272,28 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
+        """``net(x)``; with ``residual`` (same shape as ``x``), ``residual + net(x)``, written
+        into ``residual`` when autograd allows, computed over chunks of at most ``tokens``
+        tokens per sample (:func:`chunk_spans`).
+
+        The chunking lives here, inside the one module a streamer loads as a unit, so the
+        weights are read once per call however many chunks there are.  Chunks are contiguous
+        row ranges of the flattened (batch * tokens, dim) matrix, ``batch * tokens`` rows each
+        (the same memory bound as ``tokens`` per sample; no strided copies of the input)."""
+        if residual is None:
+            return self.net[2](self.net[0](x))
+        b, n, dim = x.shape
+        spans = chunk_spans(b * n, tokens and b * tokens)
+        if len(spans) == 1:
+            return _add(residual, self.net[2](self.net[0](x)))
+        flat = x.reshape(b * n, dim)
+        if residual.requires_grad or x.requires_grad or not residual.is_contiguous():
+            return residual + torch.cat([self.net[2](self.net[0](flat[s:e])) for s, e in spans]).view(b, n, dim)
+        out = residual.view(b * n, dim)
+        for s, e in spans:
+            out[s:e] += self.net[2](self.net[0](flat[s:e]))
+        return residual
 
 
 class BasicTransformerBlock(nn.Module):
@@ -296,14 +317,7 @@ class BasicTransformerBlock(nn.Module):
         x = self.attn2(xn, x, context, self.attn_queries)
         del xn
         xn = self.norm3(x)
-        spans = chunk_spans(x.shape[1], self.ff_tokens)
-        if len(spans) == 1:
-            return _add(x, self.ff(xn))
-        if x.requires_grad or xn.requires_grad:
-            return x + torch.cat([self.ff(xn[:, s:e]) for s, e in spans], dim=1)
-        for s, e in spans:
-            x[:, s:e] += self.ff(xn[:, s:e])
-        return x
+        return self.ff(xn, x, self.ff_tokens)
 
 
 class SpatialTransformer(nn.Module):

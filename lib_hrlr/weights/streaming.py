@@ -29,7 +29,8 @@ one background thread loads the next not-pinned unit(s) of that order (``prefetc
 1 by default, so at most the current unit plus one prefetched unit are in flight).  A
 prefetched unit that turns out not to be next is discarded.  All bookkeeping, attaching
 and ``on_event`` callbacks happen on the calling thread; the worker only reads and
-converts into tensors it owns.
+converts into tensors it owns, in pieces below torch's grain size (``serial_prefetch``), so
+it uses one core at most and starts no OpenMP team of its own beside the model's.
 
 Use as a context manager: on exit every hook is removed, pending loads are cancelled or
 awaited, every materialised tensor goes back to ``meta``, the worker stops and the file
@@ -368,9 +369,9 @@ class WeightStreamer:
     def _attach(self, unit: _Unit, loaded: _Loaded) -> None:
         for slot in unit.slots:
             t = loaded.tensors[slot.full]
-            setattr(slot.owner, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
             if self.transform is not None and t.is_floating_point():
                 self.transform(slot.full, t)  # on the calling thread: its GEMMs use the model's OpenMP team
+            setattr(slot.owner, slot.local, nn.Parameter(t, requires_grad=False) if slot.is_param else t)
         unit.resident = True
         unit.block = loaded.block
 

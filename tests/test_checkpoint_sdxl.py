@@ -263,3 +263,12 @@ def test_the_published_sdxl_diffusers_configs_give_the_sdxl_architecture():
     refiner_like = dict(unet, projection_class_embeddings_input_dim=2560)
     with pytest.raises(CheckpointError, match="2560 wide: the SDXL refiner"):
         config_from_diffusers(refiner_like, vae, text, "x", text2=text2)
+
+
+@pytest.mark.parametrize("marker, what", [("v_pred", "a v-prediction model"), ("edm_mean", "Playground v2.5"),
+                                          ("edm_vpred.sigma_max", "EDM v-prediction")])
+def test_sdxl_files_sampled_otherwise_are_refused(tmp_path, tiny_file, marker, what):
+    state = load_file(str(tiny_file))
+    state[marker] = torch.zeros(())
+    save_file(state, str(tmp_path / "m.safetensors"))
+    refused(tmp_path / "m.safetensors", what, marker)

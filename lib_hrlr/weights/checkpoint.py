@@ -286,6 +286,16 @@ def _refuse_foreign_single_file(keys: list[str], tensors: dict[str, TensorInfo],
     def looks(what: str, why: str) -> CheckpointError:
         return _err(f"'{p.name}' looks like {what} ({why}); {SUPPORTED}")
 
+    # markers of models that share SD/SDXL's networks but not their sampling (ComfyUI reads the same keys)
+    if "edm_mean" in keys or "edm_std" in keys:
+        raise looks("Playground v2.5", "found 'edm_mean'/'edm_std': an EDM model with its own latent statistics; "
+                    "the pipeline samples epsilon-prediction models")
+    if "edm_vpred.sigma_max" in keys:
+        raise looks("an EDM v-prediction model (CosXL or similar)", "found 'edm_vpred.sigma_max'; the pipeline "
+                    "samples epsilon-prediction models")
+    if "v_pred" in keys:
+        raise looks("a v-prediction model", "found the 'v_pred' marker key (e.g. NoobAI-XL v-pred); the pipeline "
+                    "samples epsilon-prediction models")
     if has("conditioner.embedders.0.model."):
         raise looks("the SDXL refiner", "its only text encoder, OpenCLIP ViT-bigG/14, is 'conditioner.embedders.0.model.'; "
                     "use an SDXL base model")

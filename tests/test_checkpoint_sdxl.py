@@ -272,3 +272,19 @@ def test_sdxl_files_sampled_otherwise_are_refused(tmp_path, tiny_file, marker, w
     state[marker] = torch.zeros(())
     save_file(state, str(tmp_path / "m.safetensors"))
     refused(tmp_path / "m.safetensors", what, marker)
+
+
+@pytest.mark.parametrize("sched", [{"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction"},
+                                   {"_class_name": "EDMDPMSolverMultistepScheduler"}])
+def test_diffusers_folders_sampled_otherwise_are_refused(tmp_path, tiny_folder, sched):
+    import json
+    import shutil
+
+    d = tmp_path / "v"
+    shutil.copytree(tiny_folder, d)
+    (d / "scheduler").mkdir()
+    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    refused(d, "epsilon-prediction models only", sched["_class_name"])
+    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler",
+                                                                       "prediction_type": "epsilon"}))
+    assert open_checkpoint(d, families=BOTH).config == TINY_XL

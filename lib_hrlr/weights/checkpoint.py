@@ -498,6 +498,13 @@ def _open_diffusers(p: Path, variant: str | None) -> Checkpoint:
     if xl and not listed("text_encoder"):
         raise _err(f"'{p.name}' looks like the SDXL refiner (pipeline {cls or '?'} with text_encoder_2 only); "
                    f"use an SDXL base model; {SUPPORTED}")
+    scheduler = p / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():  # how the model is sampled: only epsilon prediction on the discrete DDPM schedule
+        sched = _read_json(scheduler)
+        kind, pred = str(sched.get("_class_name", "")), sched.get("prediction_type", "epsilon")
+        if kind.startswith("EDM") or pred not in ("epsilon", None):
+            raise _err(f"'{p.name}' is sampled with {kind or 'its scheduler'} (prediction_type {pred!r}); the pipeline "
+                       f"samples epsilon-prediction models only; {SUPPORTED}")
     subs = {"unet": "unet", "vae": "vae", "text": "text_encoder", **({"text2": "text_encoder_2"} if xl else {})}
     for sub in subs.values():
         if not (p / sub).is_dir():

@@ -475,3 +475,22 @@ def test_the_readme_python_example_runs(tmp_path):
     assert first.startswith("lighthouse.png 1 ")
     assert second.startswith("(512, 512)") and "HRLR source size: 256x256" in second
     assert sorted(f.name for f in tmp_path.iterdir()) == ["lighthouse-2x.png", "lighthouse.png"]
+
+
+def test_exif_orientation_is_applied_like_viewers_do(tmp_path):
+    from PIL import ImageOps
+
+    from lib_hrlr.image.init_image import load_init_image, probe
+
+    rng = np.random.default_rng(3)
+    stored = Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8))  # 64 wide, 40 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a portrait photo from a phone
+    src = tmp_path / "phone.jpg"
+    stored.save(src, quality=95, exif=exif)
+    pr = probe(str(src))
+    assert (pr.width, pr.height, pr.orientation) == (40, 64, 6)
+    shown = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
+    with load_init_image(str(src), 80, 128) as ii:
+        got = ii.read_rows(0, 128)
+    assert np.array_equal(got, np.asarray(shown.resize((80, 128), Image.LANCZOS)))

@@ -48,11 +48,12 @@ class Probe:
     """What the header says: enough to plan sizes and refuse bad files before decoding."""
 
     path: str
-    width: int
+    width: int  # as displayed: after the EXIF orientation (a phone's portrait JPEG is taller than wide)
     height: int
     format: str  # "PNG" | "JPEG" | "WebP"
     mode: str
     has_alpha: bool
+    orientation: int = 1  # EXIF orientation tag (1: as stored)
 
 
 def _open(path: str):
@@ -86,7 +87,21 @@ def _check(img, path: str) -> Probe:
     w, h = img.size
     if w < 1 or h < 1:
         raise InvalidInput(FIELD, f"'{path}' has no pixels ({w}x{h})")
-    return Probe(str(path), w, h, fmt, img.mode, _has_alpha(img))
+    orientation = _orientation(img)
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees when displayed
+        w, h = h, w
+    return Probe(str(path), w, h, fmt, img.mode, _has_alpha(img), orientation)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(img) -> int:
+    try:
+        v = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except (ValueError, TypeError, OSError, SyntaxError):  # an unreadable EXIF block: take the pixels as stored
+        return 1
+    return v if 1 <= v <= 8 else 1
 
 
 def probe(path: str) -> Probe:
@@ -209,7 +224,7 @@ def _rgb_strip(img, y0: int, y1: int, alpha: bool) -> np.ndarray:
 
 def _decode_to_spill(path: str, spill_dir: str | None) -> tuple[SpillArray, Probe, bool]:
     """Decode ``path`` into an (h, w, 3) uint8 spill file, alpha flattened onto white."""
-    img = _open(path)
+    img = opened = _open(path)
     try:
         pr = _check(img, path)
         try:
@@ -217,6 +232,10 @@ def _decode_to_spill(path: str, spill_dir: str | None) -> tuple[SpillArray, Prob
         except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
             raise InvalidInput(FIELD, f"'{path}' is truncated or corrupt ({e}); give a complete {ALLOWED}") from None
         alpha = _has_alpha(img)
+        if pr.orientation != 1:  # shown rotated/mirrored by viewers and the webui: use it as shown
+            from PIL import ImageOps
+
+            img = ImageOps.exif_transpose(img)
         src = SpillArray(pr.height, pr.width, 3, torch.uint8, directory=spill_dir)
         try:
             rows = max(1, STRIP_BYTES // (pr.width * 4))
@@ -228,6 +247,7 @@ def _decode_to_spill(path: str, spill_dir: str | None) -> tuple[SpillArray, Prob
             raise
     finally:
         img.close()
+        opened.close()
     return src, pr, alpha
 
 

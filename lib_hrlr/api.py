@@ -165,22 +165,20 @@ def run_batch(params: GenerationParams, count: int = 1, *, out: str | None = Non
         overall = BatchProgress(progress, count) if progress is not None else None
         for i in range(count):
             p = replace(first, seed=(first.seed + i) % 2**32)
-            made_folder = None
+            made: list[Path] = []
             if out is not None:
                 path = batch_path(str(out), p.seed, count)
             else:
                 folder = day_folder(outdir, kind)
-                if not folder.is_dir():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    made_folder = folder
+                made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
+                folder.mkdir(parents=True, exist_ok=True)
                 path = str(next_output_path(outdir, kind, p.seed))
             p = replace(p, out=path)
             try:
                 r = run_pipeline(p, meter=meter, progress=overall, log=log, backend=backend, init=init,
                                  should_stop=should_stop)
             except BaseException:
-                if made_folder is not None:
-                    _remove_empty(made_folder, Path(outdir))
+                _remove_empty(made)
                 raise
             if overall is not None:
                 overall.next_image()
@@ -196,16 +194,13 @@ def run_batch(params: GenerationParams, count: int = 1, *, out: str | None = Non
     return results
 
 
-def _remove_empty(folder: Path, root: Path) -> None:
-    """Remove ``folder`` and its parents up to (and with) ``root`` while they are empty."""
-    stop = root.resolve().parent
-    f = folder.resolve()
-    while f != stop and f.is_dir():
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders this run created (deepest first) while they are still empty."""
+    for d in made:
         try:
-            f.rmdir()
+            d.rmdir()
         except OSError:
             return
-        f = f.parent
 
 
 def generate(params: GenerationParams | None = None, /, *, out: str | None = None, outdir: str = DEFAULT_ROOT,

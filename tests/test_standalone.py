@@ -494,3 +494,19 @@ def test_exif_orientation_is_applied_like_viewers_do(tmp_path):
     with load_init_image(str(src), 80, 128) as ii:
         got = ii.read_rows(0, 128)
     assert np.array_equal(got, np.asarray(shown.resize((80, 128), Image.LANCZOS)))
+
+
+def test_a_failure_inside_the_run_leaves_no_output_folder(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HRLR_TAESD_DIR", raising=False)
+    monkeypatch.setenv("HRLR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    outdir = tmp_path / "outputs"
+    code = main(["generate", "--model", tiny, "--prompt", "x", "--width", "128", "--height", "128", "--decoder", "taesd",
+                 "--outdir", str(outdir)] + FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and "taesd_dir:" in err and "taesd_decoder.safetensors" in err
+    assert not outdir.exists() and not (tmp_path / "cache").exists()
+    (tmp_path / "outputs").mkdir()  # a folder the user made stays
+    assert main(["generate", "--model", tiny, "--prompt", "x", "--width", "128", "--height", "128", "--decoder",
+                 "taesd", "--outdir", str(outdir)] + FAST) == 2
+    assert outdir.is_dir() and list(outdir.iterdir()) == []

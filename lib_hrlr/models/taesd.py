@@ -19,6 +19,10 @@ before the pipeline multiplies by ``VAEConfig.scaling_factor`` = 0.18215) conver
 ``taesd_latent = z * 0.18215`` before decoding, and ``z = taesd_latent / 0.18215`` after
 encoding.  ``lib_hrlr.vae.tiled_taesd`` does that conversion itself, so the pipeline can
 use both VAEs the same way.
+
+The weights are read from ``.safetensors`` or from the ``.pth`` state dicts madebyollin
+publishes and the webui downloads (same key names); a ``.pth`` goes through the safe pickle
+reader (:func:`lib_hrlr.weights.ckpt_file.read_ckpt`): no code in it runs.
 """
 
 from __future__ import annotations
@@ -112,17 +116,49 @@ class TAESDDecoder(nn.Sequential):
         super().__init__(*layers)
 
 
-def _load(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype, what: str) -> nn.Module:
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def _read_pickled_state(path: str, what: str) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` state dict read by the safe reader (no code runs); errors name ``taesd``."""
+    from ..weights.ckpt_file import read_ckpt
+    from ..weights.safetensors_file import read_tensor
+
+    try:
+        tensors = read_ckpt(path).tensors
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return {name: read_tensor(fd, info) for name, info in tensors.items()}
+        finally:
+            os.close(fd)
+    except CheckpointError as e:
+        raise CheckpointError("taesd", f"{what} file: {e.message}") from None
+    except OSError as e:
+        raise CheckpointError("taesd", f"{what} file {path} cannot be read ({e.strerror or e})") from None
+
+
+def _read_state(path: str, what: str) -> dict[str, torch.Tensor]:
+    try:
+        with open(path, "rb") as f:
+            zip_archive = f.read(4) == b"PK\x03\x04"  # what torch.save writes
+    except OSError as e:
+        raise CheckpointError("taesd", f"{what} file {path} cannot be read ({e.strerror or e})") from None
+    if zip_archive or path.lower().endswith(PICKLE_SUFFIXES):
+        return _read_pickled_state(path, what)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError("taesd", f"{what} file {path} is not a readable safetensors file ({e})") from e
+
+
+def _load(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype, what: str) -> nn.Module:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError("taesd", f"{what} file not found: {path}")
-    try:
-        state = load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError("taesd", f"{what} file {path} is not a readable safetensors file ({e})") from e
+    state = _read_state(path, what)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -142,10 +178,10 @@ def _load(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype, what: s
 
 
 def load_taesd_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TAESDEncoder:
-    """Build the encoder and load ``taesd_encoder.safetensors`` into it (CheckpointError if wrong)."""
+    """Build the encoder and load ``taesd_encoder.safetensors`` (or ``.pth``) into it (CheckpointError if wrong)."""
     return _load(TAESDEncoder(), path, dtype, "encoder")
 
 
 def load_taesd_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TAESDDecoder:
-    """Build the decoder and load ``taesd_decoder.safetensors`` into it (CheckpointError if wrong)."""
+    """Build the decoder and load ``taesd_decoder.safetensors`` (or ``.pth``) into it (CheckpointError if wrong)."""
     return _load(TAESDDecoder(), path, dtype, "decoder")

@@ -251,9 +251,11 @@ def _vae_or_half(vae, ckpt: Checkpoint, half: str, dtype: torch.dtype, device: t
 
 
 def _taesd_file(explicit: str | None, kind: str, index: int) -> Path:
-    """The encoder (0) or decoder (1) file of TAESD family ``kind``."""
+    """The encoder (0) or decoder (1) file of TAESD family ``kind`` (``.safetensors``, else ``.pth``)."""
     if kind == "taesd":
-        return taesd_dir(explicit) / TAESD_FILES[index]
+        from ..weights.taesd_files import PARTS, weight_file
+
+        return weight_file(taesd_dir(explicit), kind, PARTS[index])
     from .sdxl import taesdxl_files
 
     return taesdxl_files(explicit)[index]

@@ -77,12 +77,16 @@ def taesdxl_files(explicit: str | None) -> tuple[Path, Path]:
     if not d:
         raise InvalidInput("taesd_dir", "--vae taesd with an SDXL model needs the TAESDXL weights: pass --taesd-dir "
                                         f"DIR (or set HRLR_TAESD_DIR) to a folder with {' and '.join(TAESDXL_FILES)}")
+    from ..weights.taesd_files import PARTS, weight_file
+
     p = Path(d).expanduser()
-    missing = [f for f in TAESDXL_FILES if not (p / f).is_file()]
+    found = [weight_file(p, "taesdxl", part) for part in PARTS]
+    missing = [f for f, path in zip(TAESDXL_FILES, found) if path is None]
     if missing:
-        raise InvalidInput("taesd_dir", f"'{p}' lacks {', '.join(missing)}, which an SDXL model needs (the SD 1.x "
-                                        "taesd_* files have the same shapes but decode SDXL latents wrongly)")
-    return p / TAESDXL_FILES[0], p / TAESDXL_FILES[1]
+        raise InvalidInput("taesd_dir", f"'{p}' lacks {', '.join(missing)} (a .pth of the same name works too), "
+                                        "which an SDXL model needs (the SD 1.x taesd_* files have the same shapes but "
+                                        "decode SDXL latents wrongly)")
+    return found[0], found[1]
 
 
 def vae_dtype(cfg: ModelConfig, vae_mode: str, dtype: torch.dtype) -> torch.dtype:

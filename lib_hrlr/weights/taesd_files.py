@@ -9,6 +9,10 @@ hub cannot be reached, it fails at once and says where to put which files.  "Can
 reached" is decided by one TCP connection to the hub's host (or to the proxy the environment
 names) that must answer within :data:`HUB_PROBE_TIMEOUT_S`, name lookup included, before
 huggingface_hub is asked (it retries a dead network for half a minute).
+
+Each file may be a ``.safetensors`` or a ``.pth`` of the same name (the state dicts the
+AUTOMATIC1111 webui downloads into ``models/VAE-approx``, read without running code by
+:func:`lib_hrlr.models.taesd.load_taesd_decoder`); ``.safetensors`` is preferred where both are.
 """
 
 from __future__ import annotations
@@ -21,10 +25,28 @@ from ..errors import InvalidInput
 REPOS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
 FIELD = "taesd_dir"
 HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt, no retries
+SUFFIXES = (".safetensors", ".pth")  # in order of preference
+PARTS = ("encoder", "decoder")
 
 
 def files_of(kind: str = "taesd") -> tuple[str, str]:
     return (f"{kind}_encoder.safetensors", f"{kind}_decoder.safetensors")
+
+
+def weight_file(folder: str | os.PathLike, kind: str, part: str) -> Path | None:
+    """``{kind}_{part}.safetensors`` in ``folder``, else ``{kind}_{part}.pth``, else None."""
+    for suffix in SUFFIXES:
+        p = Path(folder) / f"{kind}_{part}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def folder_with_taesd(folder: str | os.PathLike) -> Path | None:
+    """``folder`` when it holds a complete encoder + decoder pair of some TAESD family (either
+    suffix), else None: how the webui glue decides whether to use ``models/VAE-approx``."""
+    p = Path(folder)
+    return p if any(not _missing(p, kind) for kind in REPOS) else None
 
 
 def user_cache_dir() -> Path:
@@ -41,7 +63,8 @@ def cache_folder(kind: str = "taesd") -> Path:
 
 
 def _missing(folder: Path, kind: str) -> list[str]:
-    return [f for f in files_of(kind) if not (folder / f).is_file()]
+    """The ``.safetensors`` names of the parts found under neither suffix."""
+    return [f for part, f in zip(PARTS, files_of(kind)) if weight_file(folder, kind, part) is None]
 
 
 def _offline_reason() -> str | None:
@@ -97,7 +120,8 @@ def hub_unreachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIME
 def _where_to_put(kind: str, folder: Path) -> str:
     a, b = files_of(kind)
     return (f"download {a} and {b} from https://huggingface.co/{REPOS[kind]} into {folder} "
-            f"(or pass --taesd-dir DIR / set HRLR_TAESD_DIR to a folder holding them)")
+            f"(or pass --taesd-dir DIR / set HRLR_TAESD_DIR to a folder holding them; the .pth files of the "
+            f"same names work too)")
 
 
 def fetch(kind: str, folder: Path) -> Path:
@@ -122,7 +146,8 @@ def fetch(kind: str, folder: Path) -> Path:
 
 
 def find_taesd(explicit: str | None = None, kind: str = "taesd", *, allow_fetch: bool = True) -> Path:
-    """The folder holding ``{kind}_encoder.safetensors`` and ``{kind}_decoder.safetensors``."""
+    """The folder holding ``{kind}_encoder`` and ``{kind}_decoder`` (``.safetensors`` or ``.pth``);
+    :func:`weight_file` picks the file of each part in it."""
     if kind not in REPOS:
         raise InvalidInput("taesd", f"'{kind}' is not one of: {', '.join(REPOS)}")
     given = explicit or os.environ.get("HRLR_TAESD_DIR")
@@ -130,7 +155,7 @@ def find_taesd(explicit: str | None = None, kind: str = "taesd", *, allow_fetch:
         p = Path(given).expanduser()
         missing = _missing(p, kind)
         if missing:
-            raise InvalidInput(FIELD, f"'{p}' lacks {', '.join(missing)}")
+            raise InvalidInput(FIELD, f"'{p}' lacks {', '.join(missing)} (a .pth of the same name works too)")
         return p
     folder = cache_folder(kind)
     if not _missing(folder, kind):

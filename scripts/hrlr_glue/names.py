@@ -19,6 +19,7 @@ API_FIELDS = {
     "sampler": "sampler_name",
     "dtype": "lowram_dtype",
     "taesd_dir": "vae",  # the TAESD files are looked up for vae "taesd"; the request has no folder field
+    "taesd": "vae",  # a TAESD weight file that cannot be read
     "vae_tile": "budget_mb",  # chosen from the budget in the webui
     "region": "regions",
 }

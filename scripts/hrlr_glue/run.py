@@ -14,18 +14,18 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Optional
 
-from modules import devices, extra_networks, images, processing, shared
+from modules import devices, extra_networks, images, paths, processing, shared
 
 from lib_hrlr.adapters.ldm import LdmBackend
 from lib_hrlr.errors import HrlrError, InvalidInput
 from lib_hrlr.image.preview import latent_preview
 from lib_hrlr.memory.meter import MemoryMeter, reset_peak_rss, rss_mb
-from lib_hrlr.pipeline.components import TAESD_FILES
 from lib_hrlr.pipeline.generate import generate
 from lib_hrlr.pipeline.params import validate, with_model_defaults
 from lib_hrlr.pipeline.progress import format_eta
 from lib_hrlr.runtime import DTYPE_NAMES, tune_allocator
 from lib_hrlr.text.extra_networks import loras_from_prompts
+from lib_hrlr.weights.taesd_files import folder_with_taesd
 
 from .lifecycle import current_checkpoint_info, model_config, release_webui_model, restore_webui_model
 from .names import api_error
@@ -69,9 +69,10 @@ def _text_fn(model, mapping: dict):
 
 
 def webui_taesd_dir() -> Optional[str]:
-    d = os.path.join(shared.models_path, "VAE-approx")
-    ok = all(os.path.isfile(os.path.join(d, f)) for f in TAESD_FILES)
-    return d if ok else None
+    """The webui's own TAESD folder (``models/VAE-approx``) when it holds an encoder + decoder
+    pair: the webui's ``.pth`` downloads or ``.safetensors``, TAESD or TAESDXL."""
+    found = folder_with_taesd(os.path.join(paths.models_path, "VAE-approx"))
+    return str(found) if found is not None else None
 
 
 def known_loras() -> Optional[set]:

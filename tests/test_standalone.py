@@ -510,3 +510,26 @@ def test_a_failure_inside_the_run_leaves_no_output_folder(tiny, tmp_path, capsys
     assert main(["generate", "--model", tiny, "--prompt", "x", "--width", "128", "--height", "128", "--decoder",
                  "taesd", "--outdir", str(outdir)] + FAST) == 2
     assert outdir.is_dir() and list(outdir.iterdir()) == []
+
+
+def test_requirements_txt_is_the_one_dependency_list_pyproject_reads():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    st = py["tool"]["setuptools"]
+    assert st["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
+    assert set(py["project"]["dynamic"]) == {"version", "dependencies"}
+    assert st["dynamic"]["version"] == {"attr": "lib_hrlr.__version__"}
+    # setuptools reads plain requirement lines only: no -r/-e/--index options may creep in
+    lines = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
+    reqs = [Requirement(ln) for ln in lines if ln and not ln.startswith("#")]
+    assert any(r.name == "torch" and str(r.specifier) == "==2.13.0" for r in reqs)
+    # the wheel: the engine and its data, nothing of the webui's checkout
+    assert st["packages"]["find"]["include"] == ["lib_hrlr", "lib_hrlr.*"]
+    assert st["package-data"]["lib_hrlr.text"] == ["assets/*"]
+    assert (ROOT / "lib_hrlr" / "text" / "assets" / "clip_merges.txt.gz").is_file()
+    assert py["project"]["scripts"] == {"hrlr": "lib_hrlr.cli:main"}
+    dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert "-r requirements.txt" in dev and "-e ." in dev  # the README's test command installs `hrlr`

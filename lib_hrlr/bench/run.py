@@ -138,7 +138,7 @@ def run_bench(a) -> int:
         "child_reported_peak_rss_mb": rep["memory"]["peak_rss_mb"],
         "wall_s": round(wall, 2),
         "unet_evals": evals,
-        "unet_eval_s": round(eval_s, 4),
+        "unet_eval_s": round(eval_s, 4) if eval_s else None,  # None: no UNet ran (upscale at strength 0)
         "unet_eval_timed_samples": st.get("unet_eval_timed_samples"),
         "overhead_ratio": round(ratio, 4),
         "modules": modules,

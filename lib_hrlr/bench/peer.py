@@ -12,7 +12,7 @@ over our very tiles, full VAE decode (diffusers' tiled decode against our exact 
 JSON keys (``--json``; stable, schema ``hrlr-peer-bench/1``):
 
 * ``schema``, ``job`` {arch, width, height, steps, tiled_steps, strength, tile, overlap, tiles,
-  dtype, threads, vae, budget_mb, peer_view_batch_size};
+  dtype, threads, vae, budget_mb, native, peer_view_batch_size, cpus, loadavg_start, loadavg_end};
 * ``ours`` / ``peer``: {``wall_s`` (child wall time, start to exit), ``peak_rss_mb`` (kernel
   VmHWM), ``stages`` {name: seconds} with names ``load`` (peer only), ``text_encoder``,
   ``base_unet``, ``base_decode``, ``guide_encode``, ``tiled_unet``, ``vae_decode``,
@@ -115,7 +115,8 @@ def run_peer_bench(a) -> int:
     job = {"arch": a.arch, "width": a.width, "height": a.height, "steps": a.steps,
            "tiled_steps": tiled_steps(a.steps, a.strength), "strength": a.strength, "tile": tile, "overlap": overlap,
            "tiles": len(plan.tiles), "dtype": dtype, "threads": threads, "vae": a.vae, "budget_mb": a.budget_mb,
-           "native": native[0], "peer_view_batch_size": None}
+           "native": native[0], "peer_view_batch_size": None,
+           "loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
     limit = getattr(a, "cgroup_limit_mb", None)
     cold = bool(getattr(a, "cold", False))
     with tempfile.TemporaryDirectory(prefix="hrlr-peer-") as tmp:
@@ -159,6 +160,7 @@ def run_peer_bench(a) -> int:
             "finished": r_peer.returncode == 0}
     speed = {k: ratio(peer["stages"].get(k), ours["stages"].get(k)) for k in STAGES}
     speed["end_to_end"] = ratio(peer["wall_s"], ours["wall_s"]) if peer["finished"] else None
+    job["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]  # others' work on the machine skews both sides
     result = {"schema": SCHEMA, "job": job, "ours": ours, "peer": peer, "speed_ratio": speed,
               "memory_ratio": ratio(peer["peak_rss_mb"], ours["peak_rss_mb"])}
     if limit is not None:

@@ -166,6 +166,7 @@ def run_unet_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     tuning = tune_allocator() if a.allocator == "tuned" else None
+    load_start = [round(x, 2) for x in os.getloadavg()]  # 1/5/15-min load: how busy the machine was
     dtype = DTYPES[a.unet_dtype]
     ckpt = open_checkpoint(str(cached_random_checkpoint(a.arch)))
     cfg = ckpt.config
@@ -215,6 +216,7 @@ def run_unet_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
         "allocator": a.allocator if tuning is None else f"tuned ({tuning.detail})",
         "repeats": a.repeats, "cache_mb": a.cache_mb, "prefetch": not a.no_prefetch,
         "results": [r.summary() for r in results], "stream_stats": stream_stats,
+        "loadavg_start": load_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
     print(f"{'variant':<14}{'batch':>6}{'wall s/sample':>15}{'min':>8}{'max':>8}{'÷ resident':>12}"
           f"{'cpu s/sample':>14}{'÷ resident':>12}  (per-round wall; cpu ratios)")
@@ -224,6 +226,7 @@ def run_unet_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
         print(f"{r.name:<14}{r.batch:>6}{r.median_s:>15.3f}{min(r.per_sample_s):>8.3f}{max(r.per_sample_s):>8.3f}"
               f"{r.median_ratio:>12.3f}{statistics.median(r.cpu_per_sample_s):>14.3f}{r.cpu_median_ratio:>12.3f}"
               f"  ({rr}; {cr})")
+    print(f"load average (1/5/15 min) at start {load_start}, at end {out['loadavg_end']} on {os.cpu_count()} CPUs")
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as fh:

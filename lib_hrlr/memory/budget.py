@@ -29,6 +29,9 @@ MB = 1024 * 1024
 # streaming arena, which holds the largest weight tensor and the next one (~1.1 largest),
 # the convolution's re-laid-out copy of one output-channel group (at most STREAM_CONV_BYTES,
 # whatever the dtype: bf16 groups hold twice the weights of fp32 ones), and the transients below.
+# With those byte-sized groups (bf16: SD 1.5's six largest convolutions in 2 groups instead of
+# 20-odd convolutions in groups of 8 M weights) the 10-sample bf16 call measured +463 MB
+# (tests/test_budget.py, 2026-12-01; +446 MB before), estimated +514 MB.
 UNET_SAMPLE_MAPS = 12.0
 # ~50 MB of transients measured around a bare UNet call, plus ~70 MB seen in whole runs
 # (prompt conditionings, the blend's batches, allocator fragmentation over many calls): the

@@ -50,3 +50,17 @@ def test_a_budget_the_planner_cannot_meet_is_refused_before_it_starts(tiny):
     assert row["status"] == "refused" and "budget" in row["message"]
     assert "margin_mb" not in row
 
+
+
+def test_the_measured_peak_is_the_childs_own_not_the_parents():
+    """A child forked from a large process starts with the parent's high-water mark; the sweep's
+    figure must be the child's alone (a bare interpreter: ~10 MB)."""
+    import sys
+
+    from lib_hrlr.bench.sweep import measure
+
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # touch every page: resident
+    code, wall, peak, _ = measure([sys.executable, "-c", "pass"])
+    del ballast
+    assert code == 0 and 0 < peak < 100, peak

@@ -213,7 +213,7 @@ os._exit(0)
 
 
 def run_child(cmd: list[str], env: dict | None = None, limit_mb: float | None = None, cold: bool = False,
-              stdout=None) -> ChildResult:
+              stdout=None, stderr=None) -> ChildResult:
     """Run ``cmd`` to completion; with ``limit_mb``, inside a fresh memory cgroup of that hard limit.
 
     ``wall_s`` runs from the fork to the child's exit; ``peak_rss_mb`` is the child's own
@@ -233,7 +233,7 @@ def run_child(cmd: list[str], env: dict | None = None, limit_mb: float | None = 
         procs = str(cg.path / "cgroup.procs") if cg is not None else ""
         try:
             proc = subprocess.Popen([sys.executable, "-c", GATE, str(w), procs, *cmd], env=env, pass_fds=(w,),
-                                    stdout=stdout)
+                                    stdout=stdout, stderr=stderr)
         finally:
             os.close(w)
         with os.fdopen(r, "rb") as fh:

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 
 AXES = {
@@ -126,15 +125,15 @@ def child_command(cfg: SweepConfig, ckpt: str, out_png: str, report: str, *, ste
 
 
 def measure(cmd: list[str]) -> tuple[int, float, float, str]:
-    """Run ``cmd``; its exit code, wall seconds, the kernel's peak RSS in MB and stderr's tail."""
+    """Run ``cmd`` (through :func:`lib_hrlr.bench.child.run_child`, so the peak is the child's
+    own and not this process's); its exit code, wall seconds, peak RSS in MB and stderr's tail."""
+    from .child import run_child
+
     with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
+        res = run_child(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=err)
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
-    return os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss / 1024, " | ".join(tail)
+    return res.returncode, res.wall_s, res.peak_rss_mb, " | ".join(tail)
 
 
 def run_config(cfg: SweepConfig, ckpt: str, *, steps: int = 2, taesd_dir: str | None = None) -> dict:

@@ -24,12 +24,12 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .errors import InvalidInput
 from .image.outputs import DEFAULT_ROOT, batch_path, day_folder, next_output_path
 from .pipeline.params import GenerationParams
-from .pipeline.progress import ProgressEvent, format_eta
+from .pipeline.progress import ProgressEvent
 
 __all__ = ["GenerationParams", "Result", "generate", "upscale", "upscale_params", "run_batch", "UPSCALE_STRENGTH",
            "BatchProgress"]

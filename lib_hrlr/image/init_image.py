@@ -20,7 +20,6 @@ naming the field (``init_image``, ``width``/``height``, ``scale``) and what is a
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput
+from ..weights.file_hash import sha256_file
 from .guide import _apply, lanczos_taps
 from .spill import SpillArray
 
@@ -145,16 +145,6 @@ def check_target(src_w: int, src_h: int, width: int, height: int) -> None:
         if t < s:
             raise InvalidInput(name, f"the target {width}x{height} is smaller than the source image {src_w}x{src_h}; "
                                      f"the {name} must be at least {s} px (use --scale 2 or 4 to upscale)")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 class InitImage:
@@ -289,7 +279,7 @@ def load_init_image(path: str, width: int, height: int, *, spill_dir: str | None
     """Read ``path``, check it against the target, and resize it to width x height."""
     pr = probe(path)
     check_target(pr.width, pr.height, width, height)
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     src, pr, alpha = _decode_to_spill(path, spill_dir)
     if alpha:
         msg = (f"init_image: '{path}' has an alpha channel ({pr.mode}); it was flattened onto white "

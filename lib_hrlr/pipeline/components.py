@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..config.architectures import ModelConfig
-from ..errors import CheckpointError, InvalidInput
+from ..errors import CheckpointError
 from ..memory.meter import MemoryMeter, attach_module_labels
 from ..weights.checkpoint import Checkpoint, open_checkpoint
 from ..weights.streaming import WeightStreamer

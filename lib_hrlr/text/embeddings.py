@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path

@@ -18,7 +18,6 @@ VAE must fit the model's VAE architecture (every weight present with its size).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from ..config.architectures import VAE_PREFIX, VAEConfig
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint, _apply_map, _component_files, _read_tensor_table
+from .file_hash import cached_sha256
 from .safetensors_file import TensorSource
 
 FIELD = "vae_file"
@@ -54,7 +54,7 @@ class VaeFile:
     @property
     def hash(self) -> str:
         """The webui's ``VAE hash``: the first 10 hex digits of the file's sha256."""
-        return file_sha256(str(self.weights_file))[:10]
+        return cached_sha256(self.weights_file)[:10]
 
     @property
     def weights_file(self) -> Path:
@@ -62,25 +62,6 @@ class VaeFile:
 
     def infotext_fields(self) -> dict[str, str]:
         return {"VAE hash": self.hash, "VAE": self.name}
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of ``path``, computed once per (path, size, mtime) in this process."""
-    st = os.stat(path)
-    return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 def _weights_path(p: Path) -> Path:

@@ -97,7 +97,8 @@ def _add_run_options(g, strength: float, strength_help: str) -> None:
 
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="measure peak RSS and time of generate in a child process, with random weights")
-    b.add_argument("--arch", default="sd15", help="sd15 (exact SD 1.5 architecture) or tiny")
+    b.add_argument("--arch", default="sd15",
+                   help="sd15 or sdxl (the exact architectures), tiny or tiny_xl (small test configurations)")
     b.add_argument("--width", type=int, default=2048)
     b.add_argument("--height", type=int, default=2048)
     b.add_argument("--steps", type=int, default=20)

@@ -142,9 +142,10 @@ def test_interrupt_leaves_no_file(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bench_tiny_prints_the_figures(tmp_path):
+@pytest.mark.parametrize("arch", ["tiny", "tiny_xl"])
+def test_bench_tiny_prints_the_figures(tmp_path, arch):
     j = tmp_path / "b.json"
-    p = subprocess.run([sys.executable, "-m", "lib_hrlr", "bench", "--arch", "tiny", "--width", "256", "--height",
+    p = subprocess.run([sys.executable, "-m", "lib_hrlr", "bench", "--arch", arch, "--width", "256", "--height",
                         "256", "--steps", "2", "--json", str(j)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     last = p.stdout.strip().splitlines()[-1]
@@ -157,3 +158,4 @@ def test_bench_tiny_prints_the_figures(tmp_path):
     assert d["unet_eval_timed_samples"] == 2 + 2 * d["tile_batch"] and d["unet_eval_s"] > 0
     assert 100 < d["peak_rss_mb"] < 800
     assert all({"name", "peak_rss_mb", "seconds"} <= set(m) for m in d["modules"])
+    assert d["arch"] == arch

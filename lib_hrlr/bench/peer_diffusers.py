@@ -31,6 +31,8 @@ import os
 import sys
 import time
 
+from ..memory.meter import reset_peak_rss
+
 
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -38,15 +40,6 @@ def _status_kb(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def scheduler():
@@ -109,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                    with_kwargs=True)  # counts UNet evaluations, changes nothing
     stage("load", t0)
     load_peak_kb = _status_kb("VmHWM")
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     gen = torch.Generator().manual_seed(1)
     sf = vae.config.scaling_factor
 

@@ -93,6 +93,14 @@ def _apply(src: np.ndarray, taps: Taps, axis: int, offset: int) -> np.ndarray:
     return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
+def uint8_to_signed_unit(hwc: np.ndarray) -> torch.Tensor:
+    """(h, w, 3) uint8 pixels as the VAE's (3, h, w) float32 input in [-1, 1]."""
+    out = np.ascontiguousarray(hwc.transpose(2, 0, 1)).astype(np.float32)
+    out /= np.float32(127.5)
+    out -= np.float32(1.0)
+    return torch.from_numpy(out)
+
+
 class UpscaledImageSource:
     """``image`` (PIL, base size) resized with Lanczos to ``width`` x ``height``, read by region."""
 
@@ -136,11 +144,7 @@ class UpscaledImageSource:
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         """The region as a (3, h, w) float32 tensor in [-1, 1]."""
-        chw = np.ascontiguousarray(self.read_uint8(y0, y1, x0, x1).transpose(2, 0, 1))
-        out = chw.astype(np.float32)
-        out /= np.float32(127.5)
-        out -= np.float32(1.0)
-        return torch.from_numpy(out)
+        return uint8_to_signed_unit(self.read_uint8(y0, y1, x0, x1))
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         """Rows y0..y1 as (h, width, 3) uint8: lets the guide itself be written as a PNG."""

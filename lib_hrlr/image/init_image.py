@@ -31,7 +31,7 @@ import torch
 
 from ..errors import InvalidInput
 from ..weights.file_hash import sha256_file
-from .guide import _apply, lanczos_taps
+from .guide import _apply, lanczos_taps, uint8_to_signed_unit
 from .spill import SpillArray
 
 FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
@@ -180,11 +180,7 @@ class InitImage:
         return self._px.read_hwc(y0, y1, x0, x1)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-        chw = np.ascontiguousarray(self.read_uint8(y0, y1, x0, x1).transpose(2, 0, 1))
-        out = chw.astype(np.float32)
-        out /= np.float32(127.5)
-        out -= np.float32(1.0)
-        return torch.from_numpy(out)
+        return uint8_to_signed_unit(self.read_uint8(y0, y1, x0, x1))
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         return self._px.read_hwc(y0, y1)

@@ -159,8 +159,15 @@ def run_batch(params: GenerationParams, count: int = 1, *, out: str | None = Non
 
             pr = probe(params.init_image)
             check_target(pr.width, pr.height, params.width, params.height)
+            from .image.spill import choose_spill_dir
+            from .pipeline.disk import init_image_spill_bytes
+
+            # read once for the whole batch, into a spill folder checked as every run checks its own
+            place = choose_spill_dir(params.spill_dir, init_image_spill_bytes(params))
+            if place.warning and log:
+                log(f"warning: {place.warning}")
             with meter.stage("init_image"):
-                init = load_init_image(params.init_image, params.width, params.height, spill_dir=params.spill_dir,
+                init = load_init_image(params.init_image, params.width, params.height, spill_dir=place.path,
                                        log=log, should_stop=should_stop)
         overall = BatchProgress(progress, count) if progress is not None else None
         for i in range(count):

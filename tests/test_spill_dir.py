@@ -258,3 +258,31 @@ def test_a_real_disk_filling_up_during_the_final_decode(tiny, tmp_path):
         assert os.listdir(d) == ["other-program.bin"]
         assert not (tmp_path / "out.png").exists()
     assert SPILL_HEADROOM == 64 * MiB
+
+
+def test_an_init_image_is_not_spilled_before_the_spill_folder_is_checked(tiny, tmp_path):
+    """The user's image is decoded into spill files: a read-only (or RAM-backed) spill folder is
+    refused before it is read, through the pipeline and through the API's batch path."""
+    import numpy as np
+    from PIL import Image
+
+    from lib_hrlr import upscale
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.full((96, 128, 3), 200, np.uint8)).save(src)
+    with read_only_folder(tmp_path) as ro:
+        err, stages = run(params(tiny, tmp_path, init_image=str(src), strength=0.3, spill_dir=ro))
+        assert isinstance(err, DiskError) and err.field == "spill_dir" and stages == []
+        with pytest.raises(DiskError) as e:
+            upscale(str(src), model=tiny, prompt="x", steps=2, dtype="fp32", budget_mb=8000, spill_dir=ro,
+                    out=str(tmp_path / "up.png"))
+        assert e.value.field == "spill_dir"
+        assert os.listdir(ro) == [] and not (tmp_path / "up.png").exists() and not (tmp_path / "out.png").exists()
+    # the planned spill counts the image: decoded and resized, uint8 RGB at the target size
+    from lib_hrlr.config.architectures import TINY
+    from lib_hrlr.pipeline.disk import estimate_run_spill_bytes, init_image_spill_bytes
+
+    p = params(tiny, tmp_path, init_image=str(src), strength=0.3)
+    assert init_image_spill_bytes(p) == 2 * 256 * 192 * 3
+    assert estimate_run_spill_bytes(p, TINY, torch.float32) == (
+        estimate_run_spill_bytes(params(tiny, tmp_path), TINY, torch.float32) + 2 * 256 * 192 * 3)

@@ -20,7 +20,18 @@ PNG_SLACK = 1 << 20  # chunk headers, text chunks, zlib's worst case on incompre
 def estimate_run_spill_bytes(p: GenerationParams, cfg: ModelConfig, vae_dtype: torch.dtype) -> int:
     """Peak bytes of spill files any one stage keeps open (the stages run one after the other):
     the base decode, the guide encode at the target size and the final decode, for the exact
-    tiled VAE or TAESD (whose decode spills only the uint8 image)."""
+    tiled VAE or TAESD (whose decode spills only the uint8 image), plus the user's image when
+    there is one."""
+    return init_image_spill_bytes(p) + _stage_spill_bytes(p, cfg, vae_dtype)
+
+
+def init_image_spill_bytes(p: GenerationParams) -> int:
+    """The user's image, decoded (at most the target size: a target is never smaller than its
+    source) and resized to the target, as uint8 RGB files open for the whole run."""
+    return 2 * p.width * p.height * 3 if p.init_image is not None else 0
+
+
+def _stage_spill_bytes(p: GenerationParams, cfg: ModelConfig, vae_dtype: torch.dtype) -> int:
     f = cfg.vae.downscale
     bw, bh = base_size(p.width, p.height, cfg.native_size)
     if p.vae == "taesd":

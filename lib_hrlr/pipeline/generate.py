@@ -180,6 +180,15 @@ def generate(
                                "or run from the checkpoint file")
         if params.vae == "taesd":  # fail now, not after the UNet passes
             sdxl.taesdxl_files(params.taesd_dir) if sdxl.is_sdxl(cfg) else components.taesd_dir(params.taesd_dir)
+        # the spill folder: checked (writable, on disk, room for the planned spill) before anything
+        # is spilled, the user's image included
+        spill = choose_spill_dir(params.spill_dir, estimate_run_spill_bytes(params, cfg, vae_dtype))
+        if spill.warning:
+            say(f"warning: {spill.warning}")
+        params = replace(params, spill_dir=spill.path)
+        meter.spill = (spill.need_bytes, spill.path)
+        stats["spill"] = {"planned_bytes": spill.need_bytes, "dir": spill.path, "filesystem": spill.filesystem,
+                          "free_bytes": spill.free_bytes, "warning": spill.warning}
         if params.init_image is not None and init is None:  # read it now: a bad file fails before any work
             with meter.stage("init_image"):
                 init = own_init = load_init_image(params.init_image, params.width, params.height,
@@ -207,14 +216,6 @@ def generate(
             canvas_pixels=lh * lw,
         )
         say(plan.table())
-        # the spill folder: checked (writable, on disk, room for the planned spill) before any UNet call
-        spill = choose_spill_dir(params.spill_dir, estimate_run_spill_bytes(params, cfg, vae_dtype))
-        if spill.warning:
-            say(f"warning: {spill.warning}")
-        params = replace(params, spill_dir=spill.path)
-        meter.spill = (spill.need_bytes, spill.path)
-        stats["spill"] = {"planned_bytes": spill.need_bytes, "dir": spill.path, "filesystem": spill.filesystem,
-                          "free_bytes": spill.free_bytes, "warning": spill.warning}
         cache_bytes = int(plan.unet_cache_mb * 1024 * 1024)
         noise = NoiseSource(params.seed)
         backend.prepare(RunSettings(dtype=dtype, device=device, vae_dtype=vae_dtype, vae_device=vae_device,

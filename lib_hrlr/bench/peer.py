@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from . import write_json
+
 SCHEMA = "hrlr-peer-bench/1"
 STAGES = ("text_encoder", "base_unet", "base_decode", "guide_encode", "tiled_unet", "vae_decode", "png_write")
 
@@ -175,8 +177,5 @@ def run_peer_bench(a) -> int:
     if limit is not None:
         print(f"cgroup {limit} MB: ours {r_ours.cgroup}, peer {r_peer.cgroup}")
     if a.json:
-        tmpj = a.json + ".tmp"
-        with open(tmpj, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmpj, a.json)
+        write_json(a.json, result)
     return 0

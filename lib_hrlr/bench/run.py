@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from . import write_json
+
 PROMPT = "a lighthouse on a cliff above a stormy sea at sunset, dramatic clouds, highly detailed"
 NEGATIVE = "blurry, low quality"
 
@@ -155,10 +157,7 @@ def run_bench(a) -> int:
     for m in modules:
         print(f"  {m['name']:<30} {m['peak_rss_mb']:>9.1f} MB {m['seconds']:>9.2f} s", file=sys.stderr)
     if a.json:
-        tmpj = a.json + ".tmp"
-        with open(tmpj, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmpj, a.json)
+        write_json(a.json, result)
     print(f"wall_s={result['wall_s']} unet_evals={evals} unet_eval_s={result['unet_eval_s']}")
     print(f"peak_rss_mb={result['peak_rss_mb']} overhead_ratio={result['overhead_ratio']}")
     return 0

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
+from . import write_json
+
 AXES = {
     "size": ((1024, 1024), (2048, 2048), (2560, 1440)),
     "tile": (48, 64, 96),
@@ -173,9 +175,7 @@ def run_sweep(configs, ckpt: str, *, steps: int = 2, taesd_dir: str | None = Non
         rows.append(run_config(cfg, ckpt, steps=steps, taesd_dir=taesd_dir))
         print(format_row(rows[-1]), file=out, flush=True)
         if json_path:  # after every row: a long sweep that is stopped keeps what it measured
-            with open(json_path + ".tmp", "w") as fh:
-                json.dump(rows, fh, indent=1)
-            os.replace(json_path + ".tmp", json_path)
+            write_json(json_path, rows, indent=1)
     over = [r for r in rows if r["status"] == "ok" and r["margin_mb"] < 0]
     print(f"sweep: {len(rows)} configurations, {sum(r['status'] == 'ok' for r in rows)} ran, "
           f"{sum(r['status'] == 'refused' for r in rows)} refused, {len(over)} over budget, "

@@ -26,7 +26,6 @@ prefetch thread included), which is the steadier figure on a machine that others
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from . import write_json
 
 VARIANTS = ("diffusers", "resident", "chunked", "streamed", "streamed_pool")
 
@@ -228,8 +229,5 @@ def run_unet_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
               f"  ({rr}; {cr})")
     print(f"load average (1/5/15 min) at start {load_start}, at end {out['loadavg_end']} on {os.cpu_count()} CPUs")
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(tmp, a.json)
+        write_json(a.json, out)
     return out

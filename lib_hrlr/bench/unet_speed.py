@@ -9,8 +9,11 @@ architecture, the cached checkpoint ``bench`` uses):
 * ``chunked``: the same resident UNet with the chunking a streamed run uses
   (:data:`lib_hrlr.models.unet.STREAM_CHUNKING`);
 * ``streamed``: what ``generate`` runs under a budget: :func:`unet_streamer` (weights read
-  per layer from the checkpoint, prefetched on a second thread, chunked), cache 0 unless
-  ``--cache-mb`` says otherwise;
+  per layer, prefetched on a second thread, chunked), cache 0 unless ``--cache-mb`` says
+  otherwise, from the prepared weight file of ``--weight-cache`` (default: the user cache,
+  written before timing; :mod:`lib_hrlr.weights.prepared`) so no read converts;
+* ``streamed_convert``: the same, reading the fp16 checkpoint itself and converting every
+  tensor on every read (what ``--weight-cache off`` runs);
 * ``streamed_pool`` (only when asked for): the same, except that the prefetch thread converts
   fp16 -> compute dtype with torch's intra-op threads (what the streamer did before
   ``serial_prefetch``), to measure what that competition costs.
@@ -36,7 +39,7 @@ import torch
 
 from . import write_json
 
-VARIANTS = ("diffusers", "resident", "chunked", "streamed", "streamed_pool")
+VARIANTS = ("diffusers", "resident", "chunked", "streamed", "streamed_convert", "streamed_pool")
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ def run_unet_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
     from ..pipeline.components import unet_streamer
     from ..runtime import DTYPES, tune_allocator
     from ..weights.checkpoint import open_checkpoint
+    from ..weights.prepared import cache_folder, prepared_sources
     from ..weights.random_checkpoint import cached_random_checkpoint
 
     if a.threads:
@@ -196,22 +200,27 @@ def run_unet_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
                 unet.set_chunking(**STREAM_CHUNKING)
                 return unet(x, t, c)
             fns["chunked"] = chunked
-        if "streamed" in variants:
-            streamed = stack.enter_context(unet_streamer(ckpt, dtype, torch.device("cpu"),
-                                                         cache_bytes=int(a.cache_mb * 2**20),
-                                                         prefetch=not a.no_prefetch))
-            fns["streamed"] = streamed
+        for name in ("streamed", "streamed_convert"):
+            if name not in variants:
+                continue
+            folder = cache_folder(getattr(a, "weight_cache", "auto")) if name == "streamed" else None
+            prepared = prepared_sources(ckpt.component("unet"), "unet", dtype, folder)
+            log(f"{name}: weights from {prepared.path or ckpt.path} ({prepared.status})")
+            fns[name] = stack.enter_context(unet_streamer(ckpt, dtype, torch.device("cpu"),
+                                                          cache_bytes=int(a.cache_mb * 2**20),
+                                                          prefetch=not a.no_prefetch, sources=prepared.sources))
         if "streamed_pool" in variants:
             fns["streamed_pool"] = stack.enter_context(_pool_streamed(ckpt, dtype, int(a.cache_mb * 2**20)))
         for batch in [int(b) for b in a.batches.split(",")]:
             inputs = inputs_for(cfg, batch, size, dtype)
             log(f"batch {batch}, {size}x{size} latent, {a.unet_dtype}, {torch.get_num_threads()} threads: warm-up")
             for n, fn in fns.items():  # the streamed UNet's first two calls learn the order and build the arena
-                for _ in range(2 if n == "streamed" else 1):
+                for _ in range(2 if n.startswith("streamed") else 1):
                     fn(*inputs)
             times = interleaved(fns, inputs, a.repeats, log)
             results += summarize(times, batch)
-        stream_stats = {n: fns[n].streamer.stats.as_dict() for n in ("streamed", "streamed_pool") if n in fns}
+        stream_stats = {n: fns[n].streamer.stats.as_dict() for n in ("streamed", "streamed_convert", "streamed_pool")
+                        if n in fns}
     out = {
         "arch": a.arch, "dtype": a.unet_dtype, "latent": size, "threads": torch.get_num_threads(),
         "allocator": a.allocator if tuning is None else f"tuned ({tuning.detail})",

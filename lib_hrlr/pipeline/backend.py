@@ -51,6 +51,7 @@ class RunSettings:
     vae_attention: str = "global"
     loras: tuple = ()  # LoraSpec, applied by backends with applies_networks
     embeddings: tuple[str, ...] = ()  # textual-inversion files or folders
+    weight_cache: str | None = None  # folder of the UNet weights prepared in the compute dtype; None: off
 
 
 class Backend(Protocol):
@@ -89,6 +90,7 @@ class CheckpointBackend:
         self.loras = None  # LoraSet of the run
         self.embeddings: dict | None = None  # name -> vectors
         self.warnings: list[str] = []
+        self.prepared = None  # the UNet's sources for the run (lib_hrlr.weights.prepared.Prepared)
 
     @property
     def hash(self) -> str:
@@ -96,12 +98,16 @@ class CheckpointBackend:
 
     def prepare(self, settings: RunSettings, meter: MemoryMeter | None) -> None:
         """Also parses the run's LoRA files (headers only) and reads its embeddings: a file
-        that does not fit the model fails here, before any network runs."""
+        that does not fit the model fails here, before any network runs.  With
+        ``settings.weight_cache``, the UNet's weights are prepared in the compute dtype (written
+        once: :mod:`lib_hrlr.weights.prepared`); ``self.prepared`` says what the cache did."""
         from ..text.embeddings import load_embeddings
         from ..weights.lora import load_loras
+        from ..weights.prepared import prepared_sources
 
         self.settings, self.meter = settings, meter
         self.loras = load_loras(settings.loras, self.config)
+        self.prepared = prepared_sources(self.ckpt.component("unet"), "unet", settings.dtype, settings.weight_cache)
         found = load_embeddings(settings.embeddings, self.config.text.hidden_size) if settings.embeddings else None
         self.embeddings = found.vectors() if found is not None else None
         self.warnings = list(self.loras.warnings) + (list(found.warnings) if found is not None else [])
@@ -135,7 +141,8 @@ class CheckpointBackend:
     def unet(self):
         s = self.settings
         with self._merger("unet") as merge, components.unet_streamer(self.ckpt, s.dtype, s.device, s.cache_bytes,
-                                                                     self.meter, transform=merge) as eps:
+                                                                     self.meter, transform=merge,
+                                                                     sources=self.prepared.sources) as eps:
             yield eps
 
     def _vae_kw(self, should_stop) -> dict:

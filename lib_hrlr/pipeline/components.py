@@ -165,17 +165,20 @@ UNET_MODULE_LABELS = ("input_blocks", "middle_block", "output_blocks")
 
 @contextlib.contextmanager
 def unet_streamer(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, cache_bytes: int,
-                  meter: MemoryMeter | None = None, prefetch: bool = True, transform=None):
+                  meter: MemoryMeter | None = None, prefetch: bool = True, transform=None,
+                  sources: dict | None = None):
     """The UNet as an eps callable whose weights stream from the checkpoint; freed on exit.
 
-    ``transform``: the streamer's weight transform (a LoRA merger, merged as layers stream in)."""
+    ``transform``: the streamer's weight transform (a LoRA merger, merged as layers stream in).
+    ``sources``: where to read the UNet's weights instead of the checkpoint's own (the same
+    tensors prepared in ``dtype``: :mod:`lib_hrlr.weights.prepared`)."""
     from ..models.unet import STREAM_CHUNKING, UNet
 
     cfg: ModelConfig = ckpt.config
     unet = _meta(lambda: UNet(cfg.unet))
     unet.set_chunking(**STREAM_CHUNKING)
     on_event, flush = _streamer_events(meter, "unet")
-    streamer = WeightStreamer(unet, ckpt.component("unet"), dtype=dtype, device=device, cache_bytes=cache_bytes,
+    streamer = WeightStreamer(unet, sources or ckpt.component("unet"), dtype=dtype, device=device, cache_bytes=cache_bytes,
                               prefetch=prefetch, on_event=on_event, unit_types=_unet_unit_types(),
                               transform=transform)
     labels = contextlib.ExitStack()

@@ -30,6 +30,7 @@ from ..sampling.samplers import SamplerSpec, get_sampler
 from ..sampling import schedule as sched
 from ..tiling.mixture import MixtureDenoiser
 from ..tiling.plan import plan_tiles
+from ..weights.prepared import cache_folder
 from ..errors import InvalidInput
 from ..image.init_image import InitImage, load_init_image
 from .disk import check_output_folder, estimate_run_spill_bytes, png_bytes_bound
@@ -221,7 +222,17 @@ def generate(
         backend.prepare(RunSettings(dtype=dtype, device=device, vae_dtype=vae_dtype, vae_device=vae_device,
                                     cache_bytes=cache_bytes, vae_mode=params.vae, taesd_dir=params.taesd_dir,
                                     spill_dir=params.spill_dir, vae_attention=params.vae_attention,
-                                    loras=params.loras, embeddings=params.embeddings), meter)
+                                    loras=params.loras, embeddings=params.embeddings,
+                                    weight_cache=cache_folder(params.weight_cache)), meter)
+        prepared = getattr(backend, "prepared", None)
+        if prepared is not None:
+            stats["weight_cache"] = {"status": prepared.status, "path": prepared.path,
+                                     "bytes": prepared.nbytes, "reason": prepared.reason or None}
+            if prepared.status == "written":
+                say(f"prepared the UNet's weights in {DTYPE_NAMES[dtype]} once ({prepared.nbytes / 2**30:.2f} GiB): "
+                    f"{prepared.path}")
+            elif prepared.reason:
+                say(f"note: the UNet streams with per-call conversion: {prepared.reason}")
         stats["warnings"] = list(getattr(backend, "warnings", ()))
         for w in stats["warnings"]:
             say(f"warning: {w}")

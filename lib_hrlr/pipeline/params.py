@@ -49,6 +49,9 @@ class GenerationParams:
     # as it is when the run starts (inside a long-lived host such as the webui)
     budget_scope: str = "process"
     stream_unet: bool = True
+    # the streamed UNet's weights prepared in the compute dtype, written once and then read
+    # without conversion (lib_hrlr.weights.prepared): "auto" (the user cache), "off", or a folder
+    weight_cache: str = "auto"
     spill_dir: str | None = None
     out: str = "hrlr.png"
     report: str | None = None
@@ -137,6 +140,8 @@ def validate(p: GenerationParams, model: ModelConfig) -> None:
         raise InvalidInput("budget_mb", f"must be a positive number of MB, got {p.budget_mb}")
     if p.budget_scope not in ("process", "run"):
         raise InvalidInput("budget_scope", f"'{p.budget_scope}' is not one of: process, run")
+    if not isinstance(p.weight_cache, str) or not p.weight_cache.strip():
+        raise InvalidInput("weight_cache", f"must be auto, off or a folder, got {p.weight_cache!r}")
     if not p.out.lower().endswith(".png"):
         raise InvalidInput("out", f"must be a .png path, got '{p.out}'")
     from ..sampling.micro_conditioning import check_policy

@@ -82,8 +82,8 @@ def run_bench(a) -> int:
 
     if a.arch not in ARCHITECTURES:
         raise InvalidInput("arch", f"'{a.arch}' is not one of: {', '.join(ARCHITECTURES)}")
-    if ARCHITECTURES[a.arch].family != "sd1x" and (getattr(a, "unet_only", False) or getattr(a, "peer", None)):
-        raise InvalidInput("arch", f"--unet-only and --peer compare SD 1.x architectures (sd15, tiny), not '{a.arch}'")
+    if ARCHITECTURES[a.arch].family != "sd1x" and getattr(a, "unet_only", False):
+        raise InvalidInput("arch", f"--unet-only compares SD 1.x architectures (sd15, tiny), not '{a.arch}'")
     mode = getattr(a, "mode", "txt2img")
     if mode not in ("txt2img", "upscale"):
         raise InvalidInput("mode", f"'{mode}' is not one of: txt2img, upscale")

@@ -20,7 +20,7 @@ import gc
 from modules import devices, lowvram, sd_hijack, sd_models
 
 from lib_hrlr.runtime import trim_allocator
-from lib_hrlr.weights.checkpoint import open_checkpoint
+from lib_hrlr.weights.checkpoint import FAMILIES, open_checkpoint
 
 
 class RestoreError(RuntimeError):
@@ -29,8 +29,10 @@ class RestoreError(RuntimeError):
 
 @functools.lru_cache(maxsize=1)
 def model_config(filename: str):
-    """The architecture of the webui's checkpoint, read from the file's tensor table."""
-    return open_checkpoint(filename).config
+    """The architecture of the webui's checkpoint, read from the file's tensor table: SD 1.x or
+    SDXL (both run, from the webui's model and in LowRAM mode); another family is refused
+    naming what it is."""
+    return open_checkpoint(filename, families=FAMILIES).config
 
 
 def current_checkpoint_info():

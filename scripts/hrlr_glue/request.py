@@ -86,6 +86,8 @@ class HrlrRequest(BaseModel):
     weighting: str = DEFAULTS["weighting"]
     regions: List[RegionModel] = []
     vae: str = Field(DEFAULTS["vae"], description="full (tiled SD VAE) or taesd")
+    micro_conditioning: str = Field(DEFAULTS["micro_conditioning"], description="SDXL only: the size and crop "
+                                    "each tile is told (offset, zero or canvas); ignored for SD 1.x")
     budget_mb: float = DEFAULTS["budget_mb"]
     lowram: bool = False
     lowram_dtype: str = Field("webui", description="LowRAM mode's compute dtype: webui (follow the webui's "
@@ -204,6 +206,7 @@ def to_params(req: HrlrRequest, *, model: str, taesd_dir: Optional[str] = None, 
         tile=req.tile, overlap=req.overlap, tile_batch=req.tile_batch or None,
         weighting=WEIGHTING_CHOICES.get(req.weighting, req.weighting),
         regions=engine_regions(req.regions), vae=VAE_CHOICES.get(req.vae, req.vae),
+        micro_conditioning=req.micro_conditioning,
         budget_mb=float(req.budget_mb), budget_scope="run", taesd_dir=taesd_dir,
         model=model, out=out, dtype=dtype, device=device,
     )

@@ -290,3 +290,20 @@ def test_accordion_tiling_passes_the_webui_sdxl_cond_dict_to_every_crop(tiny_xl)
     with torch.no_grad():
         first = model.apply_model(x[..., :16, :16], sigma, {"crossattn": c["crossattn"], "vector": c["vector"]})
     assert torch.allclose(out[..., :4, :4], first[..., :4, :4], atol=1e-5)
+
+
+def test_accordion_encode_returns_what_the_webui_model_family_returns():
+    """The accordion replaces ``encode_first_stage``: for an LDM (SD 1.x) model it must return the
+    unscaled latent (the webui's get_first_stage_encoding multiplies by scale_factor), for an sgm
+    (SDXL) model the scaled one (sgm's encode_first_stage scales, get_first_stage_encoding is the
+    identity); the engine's encode gives scaled latents."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from hrlr_glue.accordion_plan import encode_first_stage_divisor
+    from lib_hrlr.config.architectures import ARCHITECTURES
+
+    assert encode_first_stage_divisor(ARCHITECTURES["sdxl"]) == 1.0
+    assert encode_first_stage_divisor(ARCHITECTURES["tiny_xl"]) == 1.0
+    assert encode_first_stage_divisor(ARCHITECTURES["sd15"]) == 0.18215

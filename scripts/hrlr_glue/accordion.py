@@ -15,7 +15,7 @@ from lib_hrlr.pipeline.backend import RunSettings
 from lib_hrlr.tiling.wrap import TiledDenoiser
 
 from . import infotext_paste as paste
-from .accordion_plan import AccordionArgs, accordion_args, plan_accordion_tiles
+from .accordion_plan import AccordionArgs, accordion_args, encode_first_stage_divisor, plan_accordion_tiles
 from .lifecycle import model_config
 from .request import VAE_CHOICES, WEIGHTING_CHOICES
 from .run import webui_taesd_dir
@@ -95,7 +95,7 @@ class HrlrScript(scripts.Script):
         backend.prepare(RunSettings(dtype=devices.dtype_vae, device=devices.device, vae_dtype=devices.dtype_vae,
                                     vae_device=devices.device, vae_mode=mode,
                                     taesd_dir=os.environ.get("HRLR_TAESD_DIR") or webui_taesd_dir()), None)
-        scale = cfg.vae.scaling_factor
+        divisor = encode_first_stage_divisor(cfg)  # SDXL's encode_first_stage returns scaled latents
         tile = a.tile
 
         def decode_first_stage(z, *_a, **_k):
@@ -112,7 +112,7 @@ class HrlrScript(scripts.Script):
         def encode_first_stage(x, *_a, **_k):
             from lib_hrlr.vae.tiled_vae import TensorImageSource
 
-            outs = [backend.encode(TensorImageSource(x[i].float().cpu()), px_tile=tile * 8) / scale
+            outs = [backend.encode(TensorImageSource(x[i].float().cpu()), px_tile=tile * 8) / divisor
                     for i in range(x.shape[0])]
             return torch.cat(outs).to(device=x.device, dtype=x.dtype)
 

@@ -87,6 +87,14 @@ def accordion_args(args: Sequence) -> AccordionArgs:
                          vae=_label(a.vae, VAE_CHOICES, "vae"))
 
 
+def encode_first_stage_divisor(cfg) -> float:
+    """What the accordion's ``encode_first_stage`` divides the engine's *scaled* latent by, so that
+    it returns what the webui's own returns: an LDM (SD 1.x) model's is unscaled (its
+    ``get_first_stage_encoding`` multiplies by ``scale_factor`` afterwards), an sgm (SDXL)
+    model's is already scaled (``get_first_stage_encoding`` is the identity there)."""
+    return 1.0 if cfg.family == "sdxl" else cfg.vae.scaling_factor
+
+
 def plan_accordion_tiles(height: int, width: int, tile: int, overlap: int) -> Optional[TilePlan]:
     """Tiles for a ``height x width`` latent canvas, or None for an untiled pass.
 

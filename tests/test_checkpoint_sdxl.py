@@ -120,9 +120,10 @@ def test_full_size_sdxl_detected_from_key_shapes(tmp_path):
     q = ck.component("text2")["text_model.encoder.layers.5.self_attn.q_proj.weight"].info
     k = ck.component("text2")["text_model.encoder.layers.5.self_attn.k_proj.weight"].info
     assert q.shape == k.shape == (1280, 1280) and k.offset == q.offset + 1280 * 1280 * 2
-    # by default (the pipeline's families) SDXL is named and refused
-    with pytest.raises(CheckpointError, match="is an SDXL model"):
-        open_checkpoint(p)
+    # by default (the pipeline's families) SDXL opens; a caller limited to SD 1.x refuses it by name
+    assert open_checkpoint(p).config == SDXL
+    with pytest.raises(CheckpointError, match="is an SDXL model .*allowed here: SD1X models"):
+        open_checkpoint(p, families=("sd1x",))
 
 
 def test_tiny_real_layout_infers_the_tiny_xl_structure(real_layout_file, tiny_file):

@@ -28,8 +28,8 @@ or SDXL config is inferred from the key shapes (or, for a folder, from the diffu
 configs).  SD 2.x, the SDXL refiner, SD3/Flux, inpainting/instruct UNets and non-model
 files are recognised and refused, naming what was found.
 
-SDXL is opened only when the caller asks for it (``families``): the generation pipeline
-does not run SDXL yet, and by default an SDXL checkpoint is refused with that reason.
+``families`` limits what a caller accepts (both SD 1.x and SDXL by default: the
+generation pipeline runs both); a checkpoint of another family is refused naming it.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ __all__ = ["Checkpoint", "TensorSource", "TensorInfo", "open_checkpoint", "COMPO
 COMPONENTS = ("unet", "vae", "text", "text2")  # text2: SDXL's OpenCLIP ViT-bigG/14
 FAMILIES = ("sd1x", "sdxl")
 # the families open_checkpoint accepts by default: those the generation pipeline runs
-RUNNABLE_FAMILIES = ("sd1x",)
-SUPPORTED = "HighRes-LowRAM supports Stable Diffusion 1.x checkpoints (.safetensors, .ckpt, diffusers folders)"
+RUNNABLE_FAMILIES = FAMILIES
+SUPPORTED = ("HighRes-LowRAM supports Stable Diffusion 1.x checkpoints and SDXL base checkpoints "
+             "(.safetensors, .ckpt, diffusers folders)")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -142,8 +143,8 @@ def open_checkpoint(path: str | os.PathLike, *, variant: str | None = None, vali
     else:
         raise _err(f"'{p}' is neither a file nor a folder; {SUPPORTED}")
     if ckpt.config.family not in families:
-        raise _err(f"'{p.name}' is an {ckpt.config.family.upper()} model ({ckpt.config.name}); the generation "
-                   f"pipeline does not run {ckpt.config.family.upper()} models yet; {SUPPORTED}")
+        raise _err(f"'{p.name}' is an {ckpt.config.family.upper()} model ({ckpt.config.name}); allowed here: "
+                   f"{', '.join(f.upper() for f in families)} models")
     if validate:
         check_components(ckpt)
     return ckpt

@@ -7,8 +7,11 @@ flight, the pinned weight cache, and activations.  Sizes scale with the architec
 of the SD 1.5 UNet and VAEs (``tests/test_budget.py`` re-measures a streamed SD 1.5 UNet
 call and checks that the estimate stays above it).
 
-Only two knobs adapt automatically: the number of tiles per UNet call and the size of the
-weight cache.  Everything else (tile size, VAE tile, dtype, the budget itself) is the
+Only three knobs adapt automatically: the number of tiles per UNet call, whether a tile's
+guidance halves (prompt and negative) share one UNet call or run one after the other (only
+when one tile's two samples do not fit: the weights are then read twice per step, which
+costs little next to SDXL's compute and makes fp32 SDXL fit), and the size of the weight
+cache.  Everything else (tile size, VAE tile, dtype, the budget itself) is the
 user's choice, and a plan that cannot fit names the setting to change.
 """
 
@@ -63,6 +66,9 @@ class BudgetPlan:
     unet_cache_mb: float
     vae_tile: int  # latent px per VAE decode work unit
     stages: tuple[StageEstimate, ...] = field(default_factory=tuple)
+    # most samples (batch rows) per UNet call; None: a call holds all of its tiles' samples.
+    # 1: guidance split, each tile's prompt and negative halves in separate calls
+    samples_per_call: int | None = None
 
     @property
     def peak_mb(self) -> float:
@@ -81,11 +87,12 @@ def largest_unet_tensor(model: ModelConfig) -> int:
     return 2 * top * top * 9
 
 
-def unet_call_bytes(model: ModelConfig, tile: int, samples: int, dtype_bytes: int) -> int:
-    """Peak memory of one streamed UNet call on ``samples`` tiles of ``tile``x``tile`` latent px."""
+def unet_call_bytes(model: ModelConfig, tile: int, samples: int, dtype_bytes: int, area: int | None = None) -> int:
+    """Peak memory of one streamed UNet call on ``samples`` tiles of ``tile``x``tile`` latent px
+    (or of ``area`` latent px each: the base pass's whole latent)."""
     from ..models.unet import STREAM_CONV_BYTES
 
-    per_sample = UNET_SAMPLE_MAPS * model.unet.model_channels * tile * tile * dtype_bytes
+    per_sample = UNET_SAMPLE_MAPS * model.unet.model_channels * (tile * tile if area is None else area) * dtype_bytes
     largest = largest_unet_tensor(model)
     fixed = 1.1 * largest * dtype_bytes + min(largest * dtype_bytes, STREAM_CONV_BYTES) + UNET_FIXED_MB * MB
     return int(fixed + per_sample * samples)
@@ -129,8 +136,12 @@ def plan_budget(
     samples_per_tile: int = 2,
     canvas_pixels: int = 0,
     safety: float = SAFETY,
+    base_pixels: int | None = None,
 ) -> BudgetPlan:
-    """Choose tile batch, weight cache and VAE tile for ``budget_mb``, or raise BudgetError."""
+    """Choose tile batch, weight cache and VAE tile for ``budget_mb``, or raise BudgetError.
+
+    ``base_pixels``: latent px of the native-size base pass (one latent, not tiled; default
+    one tile), which must fit too."""
     room = budget_mb / safety - baseline_mb
     if room <= 0:
         raise BudgetError(
@@ -139,8 +150,11 @@ def plan_budget(
             f"({baseline_mb:.0f} MB); raise --budget-mb",
         )
 
+    split = False  # one sample per call (guidance halves in turn)
+
     def unet_mb(batch: int) -> float:
-        return unet_call_bytes(model, tile, samples_per_tile * batch, dtype_bytes) / MB + canvas_mb
+        samples = 1 if split else samples_per_tile * batch
+        return unet_call_bytes(model, tile, samples, dtype_bytes) / MB + canvas_mb
 
     canvas_mb = CANVAS_COPIES * model.unet.in_channels * canvas_pixels * 4 / MB
 
@@ -157,13 +171,36 @@ def plan_budget(
         batch = max(1, min(n_tiles, 8))
         while batch > 1 and unet_mb(batch) > room:
             batch -= 1
-        if unet_mb(batch) > room:
+        if unet_mb(batch) > room and samples_per_tile > 1:
+            whole = unet_mb(1)
+            split = True
+            if unet_mb(1) > room:
+                fits = largest_fitting_tile(model, room - canvas_mb, dtype_bytes, tile)
+                hint = f"--tile {fits} fits" if fits else "no tile fits"
+                raise BudgetError(
+                    "budget_mb",
+                    f"one {tile}x{tile} latent tile needs about {(whole + baseline_mb) * safety:.0f} MB with "
+                    f"{dtype_bytes * 8}-bit weights ({(unet_mb(1) + baseline_mb) * safety:.0f} MB even with its "
+                    f"prompt and negative halves in separate UNet calls; {hint}); raise --budget-mb, lower --tile, "
+                    f"or use a smaller --dtype",
+                )
+        elif unet_mb(batch) > room:
             raise BudgetError(
                 "budget_mb",
                 f"one {tile}x{tile} latent tile needs about {(unet_mb(1) + baseline_mb) * safety:.0f} MB with "
                 f"{dtype_bytes * 8}-bit weights; raise --budget-mb, lower --tile, or use a smaller --dtype",
             )
-    cache_mb = max(0.0, room - unet_mb(batch))
+    def base_mb() -> float:
+        return unet_call_bytes(model, tile, 1 if split else samples_per_tile, dtype_bytes, base_pixels) / MB
+
+    if base_mb() > room:
+        raise BudgetError(
+            "budget_mb",
+            f"the native-size base pass ({base_pixels} latent px) needs about {(base_mb() + baseline_mb) * safety:.0f} MB "
+            f"with {dtype_bytes * 8}-bit weights{' and its guidance halves in separate calls' if split else ''}; "
+            f"raise --budget-mb or use a smaller --dtype",
+        )
+    cache_mb = max(0.0, room - max(unet_mb(batch), base_mb()))
     if unet_total_mb is not None:
         cache_mb = min(cache_mb, unet_total_mb)
 
@@ -188,11 +225,13 @@ def plan_budget(
                                        f"raise --budget-mb or use a smaller --dtype")
     stages = (
         StageEstimate("text_encoder", baseline_mb + text_mb, "streamed per layer"),
-        StageEstimate("base_unet", baseline_mb + unet_mb(1) + cache_mb, f"1 tile, cache {cache_mb:.0f} MB"),
+        StageEstimate("base_unet", baseline_mb + base_mb() + cache_mb,
+                      f"1 tile{', guidance split' if split else ''}, cache {cache_mb:.0f} MB"),
         StageEstimate("guide_encode", baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "encode") / MB,
                       "TAESD" if taesd else f"{chosen * model.vae.downscale} px work units"),
         StageEstimate("tiled_unet", baseline_mb + unet_mb(batch) + cache_mb,
-                      f"{batch} tiles/call, cache {cache_mb:.0f} MB"),
+                      (f"1 sample/call (guidance split), cache {cache_mb:.0f} MB" if split
+                       else f"{batch} tiles/call, cache {cache_mb:.0f} MB")),
         StageEstimate("vae_decode", baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "decode") / MB,
                       f"{chosen} latent px work units"),
     )
@@ -203,4 +242,14 @@ def plan_budget(
         unet_cache_mb=cache_mb,
         vae_tile=chosen,
         stages=stages,
+        samples_per_call=1 if split else None,
     )
+
+
+def largest_fitting_tile(model: ModelConfig, room_mb: float, dtype_bytes: int, below: int) -> int | None:
+    """The largest tile (a multiple of 8 latent px, under ``below``) whose one-sample UNet call
+    fits in ``room_mb``; None when not even 8 does."""
+    for t in range(below - 8, 7, -8):
+        if unet_call_bytes(model, t, 1, dtype_bytes) / MB <= room_mb:
+            return t
+    return None

@@ -97,6 +97,13 @@ def build_infotext(p: GenerationParams, model_name: str, model_hash: str, plan: 
     return format_infotext(p.prompt, p.negative, {k: v for k, v in fields.items() if v is not None})
 
 
+def base_latent_pixels(cfg: ModelConfig, width: int, height: int) -> int:
+    """Latent px of the native-size base pass of a ``width`` x ``height`` run."""
+    f = cfg.vae.downscale
+    bw, bh = (sdxl.sdxl_base_size if sdxl.is_sdxl(cfg) else base_size)(width, height, cfg.native_size)
+    return (bw // f) * (bh // f)
+
+
 def open_backend(params: GenerationParams) -> CheckpointBackend:
     """The checkpoint of ``params.model`` (the default hub model without one), streamed, with
     its VAE replaced by ``params.vae_file`` when given."""
@@ -215,6 +222,7 @@ def generate(
             unet_total_mb=backend.unet_total_mb(dtype),
             samples_per_tile=1 if params.cfg == 1.0 else 2,
             canvas_pixels=lh * lw,
+            base_pixels=None if init is not None else base_latent_pixels(cfg, params.width, params.height),
         )
         say(plan.table())
         cache_bytes = int(plan.unet_cache_mb * 1024 * 1024)
@@ -271,7 +279,7 @@ def generate(
             with meter.stage("base_unet"), backend.unet() as unet:
                 added = sdxl.base_added(cfg, pooled[0], pooled[1], bh, bw) if sdxl.is_sdxl(cfg) else {}
                 den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype,
-                                  **added)
+                                  max_samples=plan.samples_per_call, **added)
                 sigmas = full_sigmas(base_steps)
                 prog.stage("base", len(sigmas) - 1)
                 x = noise((1, cfg.unet.in_channels, bh // f, bw // f)) * sigmas[0]
@@ -307,7 +315,8 @@ def generate(
         else:
             with meter.stage("tiled_unet"):
                 with backend.unet() as unet:
-                    den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype)
+                    den = EpsDenoiser(FirstCallTimer(unet, device, timed), schedule, cond, uncond, params.cfg, dtype=dtype,
+                                      max_samples=plan.samples_per_call)
                     steps_total = len(sigmas) - 1
                     step = {"i": 0}
                     mix = MixtureDenoiser(
@@ -356,6 +365,7 @@ def generate(
         stats["device"] = str(device)
         stats["tiles"] = len(tiles.tiles)
         stats["tile_batch"] = plan.tile_batch
+        stats["samples_per_call"] = plan.samples_per_call
         stats["unet_cache_mb"] = round(plan.unet_cache_mb, 1)
         stats["seed"] = params.seed
         stats["base_size"] = f"{bw}x{bh}" if init is None else None
@@ -379,7 +389,7 @@ def write_report(path: str, result: GenerationResult) -> None:
         "infotext": result.infotext,
         "stats": result.stats,
         "plan": {"tile_batch": result.plan.tile_batch, "unet_cache_mb": result.plan.unet_cache_mb,
-                 "vae_tile": result.plan.vae_tile,
+                 "vae_tile": result.plan.vae_tile, "samples_per_call": result.plan.samples_per_call,
                  "stages": [asdict(s) for s in result.plan.stages]},
         "memory": result.report,
     }

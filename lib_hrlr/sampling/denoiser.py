@@ -36,6 +36,9 @@ class EpsDenoiser:
     and the negative (:func:`~lib_hrlr.models.unet.adm_vector`); the UNet is then called as
     ``unet(x, timesteps, context, y)``.
     ``unet_calls`` / ``samples`` count UNet invocations and the samples (batch rows) they held.
+    ``max_samples`` caps the rows of one UNet call: a larger batch (e.g. a crop's cond and
+    uncond halves when the budget fits only one sample's activations) is run in several
+    calls of at most that many rows, whose outputs are concatenated (None: no cap).
     """
 
     def __init__(
@@ -48,7 +51,11 @@ class EpsDenoiser:
         dtype: torch.dtype = torch.float32,
         added: torch.Tensor | None = None,
         added_uncond: torch.Tensor | None = None,
+        max_samples: int | None = None,
     ):
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                        or max_samples < 1):
+            raise InvalidInput("max_samples", f"must be None or an integer >= 1, got {max_samples!r}")
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
             raise InvalidInput("cfg_scale", f"must be a finite number, got {cfg_scale!r}")
         if cfg_scale != 1.0 and cond is not None and uncond is None:
@@ -61,6 +68,7 @@ class EpsDenoiser:
         self.dtype = dtype
         self.added = added
         self.added_uncond = added_uncond
+        self.max_samples = max_samples
         self.unet_calls = 0
         self.samples = 0
 
@@ -84,16 +92,23 @@ class EpsDenoiser:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(())
         c_in = torch.rsqrt(sigma.double() ** 2 + 1.0).float()
         t = self.schedule.sigma_to_t(sigma.double()).float().to(x.device)
-        timesteps = t.expand(x.shape[0]).contiguous()
-        args = [(x * c_in).to(self.dtype), timesteps, context.to(device=x.device, dtype=self.dtype)]
-        if y is not None:
-            args.append(y.to(device=x.device, dtype=self.dtype))
-        out = self.unet(*args)
-        self.unet_calls += 1
-        self.samples += int(x.shape[0])
-        if out.shape != x.shape:
-            raise RuntimeError(f"UNet returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-        return out.to(torch.float32)
+        rows = int(x.shape[0])
+        step = min(rows, self.max_samples or rows)
+        outs = []
+        for i in range(0, rows, step):
+            part = slice(i, i + step)
+            n = len(range(*part.indices(rows)))
+            args = [(x[part] * c_in).to(self.dtype), t.expand(n).contiguous(),
+                    _rows(context, part, rows).to(device=x.device, dtype=self.dtype)]
+            if y is not None:
+                args.append(_rows(y, part, rows).to(device=x.device, dtype=self.dtype))
+            out = self.unet(*args)
+            self.unet_calls += 1
+            self.samples += n
+            if out.shape != args[0].shape:
+                raise RuntimeError(f"UNet returned shape {tuple(out.shape)} for input {tuple(args[0].shape)}")
+            outs.append(out.to(torch.float32))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def denoise_batch(
         self,
@@ -149,6 +164,11 @@ class EpsDenoiser:
             raise InvalidInput("prompt", "this denoiser was built without a conditioning")
         conds = self.cond.expand(x.shape[0], *self.cond.shape[1:]) if self.cond.shape[0] == 1 else self.cond
         return self.denoise_batch(x, sigma, conds, self.uncond, self.added, self.added_uncond)
+
+
+def _rows(t: torch.Tensor, part: slice, rows: int) -> torch.Tensor:
+    """``t``'s rows of ``part`` when it has one row per sample; a shared (1, ...) tensor as is."""
+    return t[part] if t.shape[0] == rows else t
 
 
 def stack_contexts(contexts: Sequence[torch.Tensor]) -> torch.Tensor:

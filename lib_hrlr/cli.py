@@ -134,6 +134,16 @@ def _add_bench(sub) -> None:
                    help="with --unet-only: tuned = generate's allocator settings (runtime.tune_allocator)")
     b.add_argument("--cache-mb", type=float, default=0.0, help="with --unet-only: the streamed UNet's weight cache")
     b.add_argument("--no-prefetch", action="store_true", help="with --unet-only: stream without the prefetch thread")
+    # VAE-only side-by-side timing (lib_hrlr/bench/vae_speed.py)
+    b.add_argument("--vae-only", action="store_true",
+                   help="time our exact tiled VAE decode against diffusers' tiled decode on the same latent, in one "
+                        "process (--latent: latent px, default 128; --repeats, --threads apply)")
+    b.add_argument("--vae-dtype", default="bf16", choices=("fp32", "bf16"), help="with --vae-only")
+    b.add_argument("--vae-tile", type=int, default=None,
+                   help="with --vae-only: our tile in latent px (default: what --budget-mb picks)")
+    b.add_argument("--exact-latent", type=int, default=32,
+                   help="with --vae-only: latent px of the tiled-vs-untiled exactness check (0: skip)")
+    b.add_argument("--spill-dir", default=None, help="with --vae-only: folder of our spill files")
     # side by side with a peer (lib_hrlr/bench/peer.py), and inside a memory cgroup (lib_hrlr/bench/child.py)
     b.add_argument("--peer", default=None, choices=("diffusers",),
                    help="also run the same job with diffusers (MultiDiffusion panorama over our tiles, tiled VAE) "
@@ -234,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "upscale":
             return run_upscale(args)
+        if args.vae_only:
+            from .bench.vae_speed import run_vae_bench
+
+            run_vae_bench(args)
+            return 0
         if args.sweep:
             from .bench.sweep import main_sweep
 

@@ -334,3 +334,44 @@ def test_sd_encode_512_tiled_equals_untiled():
     print(f"SD encode 512^2: PSNR {p:.1f} dB (peak = latent range {peak:.2f}), max abs diff {diff:.2e}; "
           f"tiled {tiled_s:.1f} s")
     assert p >= 40 and diff <= 1e-3 * peak
+
+
+def test_spill_is_in_the_compute_dtype_measured_equals_estimate(tiny, tmp_path):
+    """The canvases are stored in the compute dtype: bfloat16 spills half the float32 bytes
+    (the uint8 output aside), and the measured peak of open spill files is the estimate."""
+    from lib_hrlr.vae.tiled_vae import TiledRunStats
+
+    z = smooth_latent(24, 32, seed=7)
+    peaks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        vae = tiny if dtype == torch.float32 else tiny_vae().to(dtype)
+        st = TiledRunStats()
+        with decode_tiled(vae, z, tile=8, dtype=dtype, spill_dir=str(tmp_path), stats=st) as out:
+            assert out.nbytes == 24 * 8 * 32 * 8 * 3
+        assert st.peak_spill_bytes == estimate_spill_bytes(TINY.vae, 24, 32, dtype)
+        assert st.passes == len(plan_segments(TINY.vae, 24, 32, 8)) and st.tiles > st.passes
+        peaks[dtype] = st.peak_spill_bytes
+    image = 24 * 8 * 32 * 8 * 3
+    assert peaks[torch.bfloat16] - image == (peaks[torch.float32] - image) // 2
+
+
+def test_bfloat16_tiled_is_as_exact_as_untiled_bfloat16(tiny):
+    """Tiled bfloat16 differs from the float32 decode by no more than the untiled bfloat16
+    model does (whatever kernel dtype the CPU gives, :func:`kernel_dtype`): tiling adds no error
+    beyond the compute dtype's rounding."""
+    from lib_hrlr.vae.tiled_vae import kernel_dtype
+
+    assert kernel_dtype(torch.float32) == torch.float32 and kernel_dtype(torch.float16) == torch.float16
+    assert kernel_dtype(torch.bfloat16) in (torch.bfloat16, torch.float32)
+    z = smooth_latent(20, 20, seed=8)
+    with torch.no_grad():
+        ref = tiny.decode(z).double()
+        cl = torch.channels_last
+        vae16 = tiny_vae().to(torch.bfloat16).to(memory_format=cl)
+        untiled = vae16.decode(z.to(torch.bfloat16).contiguous(memory_format=cl)).double()
+    tiled = decode_float(vae16, z, tile=8, dtype=torch.bfloat16).double()
+    e_tiled, e_untiled = (tiled - ref).abs().max().item(), (untiled - ref).abs().max().item()
+    print(f"bf16 vs fp32 untiled: tiled {e_tiled:.3e}, untiled {e_untiled:.3e}; "
+          f"tiled vs untiled {(tiled - untiled).abs().max().item():.3e}")
+    assert e_tiled <= 1.5 * e_untiled
+    assert (tiled - untiled).abs().max().item() <= 2.5 * e_untiled

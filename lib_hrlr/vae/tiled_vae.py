@@ -13,11 +13,16 @@ image border, which is what the untiled convolution's padding does.  The tile's 
 output is therefore the untiled output, up to float rounding.
 
 While a segment writes its tiles it accumulates per-channel statistics of what it wrote
-(each tile's core once; cores partition the canvas): per tile a shifted sum and sum of
-squares (float32 pairwise sums over one tile, shifted by the tile's mean so nothing
-cancels), merged over tiles and then over the channels of each group in float64 with
-Chan's parallel-variance formula.  The next segment normalises with these exact
-whole-image group statistics; nothing uses per-tile statistics.
+(each tile's core once; cores partition the canvas): per tile its mean and variance
+(``torch.var_mean``, two-pass in float32, so nothing cancels), merged over tiles and then
+over the channels of each group in float64 with Chan's parallel-variance formula.  The
+next segment normalises with these exact whole-image group statistics, folded (in
+float64) into one per-channel scale and bias as torch's GroupNorm kernel folds them, and
+applied with SiLU in one float32 pass; nothing uses per-tile statistics.
+
+Canvases are stored in the compute dtype.  The convolutions and matmuls run in it too,
+except bfloat16 on a CPU without native bfloat16 kernels (:func:`kernel_dtype`), where
+they run in float32 on the bfloat16 values.
 
 Residual adds read the shortcut canvas at the tile core (through the 1x1 ``nin_shortcut``
 where channels change); when the shortcut canvas is not needed afterwards the output
@@ -361,6 +366,7 @@ def estimate_tile_bytes(cfg: VAEConfig, tile: int, dtype: torch.dtype = torch.fl
     e = _tile_elems(cfg, latent_tile)
     item = _itemsize(dtype)
     wide = 0 if item == 4 else 4  # float32 working copy for narrow dtypes
+    kitem = 4 if dtype == torch.bfloat16 else item  # kernels may run in float32 (kernel_dtype)
     plan_fn = decoder_plan if kind == "decode" else encoder_plan
     # a nominal 2x2-tile canvas at every level: the steps' structure does not depend on the size
     n = 2 * latent_tile * (1 if kind == "decode" else cfg.downscale)
@@ -376,11 +382,11 @@ def estimate_tile_bytes(cfg: VAEConfig, tile: int, dtype: torch.dtype = torch.fl
             if s.kind == "up":
                 in_elems += s.c_in * (side // 2 + 2) ** 2
             out_elems = s.c_out * core
-            weights = s.c_in * s.c_out * k * k * item
+            weights = s.c_in * s.c_out * k * k * kitem
             if s.pre or s.post:
-                weights += 2 * cfg.z_channels * 2 * cfg.embed_dim * item
+                weights += 2 * cfg.z_channels * 2 * cfg.embed_dim * kitem
             res = out_elems + (s.c_in * core if s.res_conv else 0)
-            b = (2 * in_elems * item + in_elems * wide + out_elems * (item + wide) + res * item
+            b = (2 * in_elems * item + in_elems * wide + out_elems * (item + wide) + res * kitem
                  + 2 * weights)
         elif s.kind == "kv":
             b = core * s.c_in * (item + 4 + wide) + core * s.c_out * 4 + s.c_in * s.c_out * 4
@@ -407,7 +413,7 @@ class _Stats:
         self.m2 = torch.zeros(channels, dtype=torch.float64)
 
     def add(self, y: torch.Tensor) -> None:
-        """Fold in a (1, C, h, w) tile; ``y`` is overwritten (it has been written out)."""
+        """Fold in a (1, C, h, w) tile (as written out: read, not modified)."""
         c = y.shape[1]
         t = y[0].permute(1, 2, 0).reshape(-1, c)  # a view for channels-last tiles
         if t.dtype != torch.float32 and t.dtype != torch.float64:
@@ -415,12 +421,10 @@ class _Stats:
         nb = t.shape[0]
         if nb == 0:
             return
-        shift = t[0].clone()  # shifting by a sample keeps the sums free of cancellation
-        t.sub_(shift)
-        s1 = t.sum(0).cpu().double()
-        s2 = t.square_().sum(0).cpu().double()
-        mean_b = shift.cpu().double() + s1 / nb
-        m2_b = (s2 - s1 * s1 / nb).clamp_min(0)
+        # one stable pass per tile (torch's two-pass var_mean in float32), merged in float64
+        var_b, mean_b = torch.var_mean(t, dim=0, correction=0)
+        mean_b = mean_b.cpu().double()
+        m2_b = var_b.cpu().double() * nb
         na = self.n
         n = na + nb
         delta = mean_b - self.mean
@@ -428,8 +432,9 @@ class _Stats:
         self.m2 = self.m2 + m2_b + delta * delta * (na * nb / n)
         self.n = n
 
-    def group_affine(self, norm: torch.nn.GroupNorm, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, scale, shift) per channel so that GroupNorm(x) = (x - mean) * scale + shift."""
+    def group_affine(self, norm: torch.nn.GroupNorm, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, bias) per channel so that GroupNorm(x) = x * scale + bias (float32; folded
+        in float64, as torch's own GroupNorm kernel folds mean, rstd and the affine)."""
         g = norm.num_groups
         c = self.mean.numel()
         cpg = c // g
@@ -444,7 +449,8 @@ class _Stats:
         def as4(v: torch.Tensor) -> torch.Tensor:
             return v.float().view(1, c, 1, 1).to(device)
 
-        return as4(gmean.repeat_interleave(cpg)), as4(gamma * rstd), as4(beta)
+        scale = gamma * rstd
+        return as4(scale), as4(beta - gmean.repeat_interleave(cpg) * scale)
 
 
 # --------------------------------------------------------------------------- execution
@@ -479,13 +485,12 @@ def _read(src, y0: int, y1: int, x0: int, x1: int, dtype: torch.dtype, device) -
 
 
 def _normalise(x: torch.Tensor, affine, silu: bool, dtype: torch.dtype) -> torch.Tensor:
-    mean, scale, shift = affine
-    if x.dtype != torch.float32:
-        x = x.float()
-    x.sub_(mean).mul_(scale).add_(shift)
+    """x * scale + bias (then SiLU) in float32, one pass from any input dtype; returned in ``dtype``."""
+    scale, bias = affine
+    y = torch.addcmul(bias, x, scale)  # float32 (type promotion), x's channels-last layout
     if silu:
-        F.silu(x, inplace=True)
-    return x.to(dtype)
+        F.silu(y, inplace=True)
+    return y.to(dtype)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -524,8 +529,23 @@ def _attend(q: torch.Tensor, chunks) -> torch.Tensor:
     return acc.div_(l)
 
 
+def kernel_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype the convolutions and matmuls of a ``dtype`` run execute in.
+
+    ``dtype`` itself, except bfloat16 on a CPU where oneDNN has no bfloat16 kernels (its
+    check: AVX512 BW/VL/DQ), where torch falls back to a reference convolution about ten
+    times slower than float32 (measured on an AVX2 EPYC, 2 threads: 17 vs 170 GFLOP/s).
+    There they run in float32 on the bfloat16 values (as a native kernel does: float32
+    accumulation) and every canvas stays bfloat16, so the result and the spill are those of
+    a bfloat16 run, rounded once per segment."""
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return dtype
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return dtype if native is not None and native() else torch.float32
+
+
 class _Weights:
-    """The step's parameters in the compute dtype (converted once per segment)."""
+    """The step's parameters in the kernel dtype (converted once per segment)."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device):
         self.model, self.dtype, self.device = model, dtype, device
@@ -545,6 +565,15 @@ class _Weights:
 
 
 @dataclass
+class TiledRunStats:
+    """What a tiled run did, filled in when passed as ``stats=`` (benchmarks and tests)."""
+
+    peak_spill_bytes: int = 0  # the most bytes of spill files open at once (the sink included)
+    passes: int = 0  # segments run (each one pass over its input canvas)
+    tiles: int = 0  # tile steps over all segments
+
+
+@dataclass
 class _Run:
     model: torch.nn.Module
     plan: Plan
@@ -555,6 +584,7 @@ class _Run:
     progress: Callable[[int, int], None] | None
     should_stop: Callable[[], bool] | None
     out_mode: str
+    work: torch.dtype  # what the kernels run in (kernel_dtype); canvases are stored in ``dtype``
     done: int = 0
     total: int = 0
 
@@ -581,7 +611,7 @@ def _write(run: _Run, dst: SpillArray, name: str, y0: int, x0: int, y: torch.Ten
 
 def _conv_step(run: _Run, s: Step, src, dst: SpillArray, res, stats_in: _Stats | None,
                stats_out: _Stats | None, seg: SegmentInfo) -> None:
-    wts = _Weights(run.model, run.dtype, run.device)
+    wts = _Weights(run.model, run.work, run.device)
     w, b, stride, ksize = wts.conv(s.conv)
     if ksize != (3, 3):
         raise ValueError(f"{s.conv}: expected a 3x3 convolution, got {ksize}")
@@ -596,7 +626,8 @@ def _conv_step(run: _Run, s: Step, src, dst: SpillArray, res, stats_in: _Stats |
             y0, y1, x0, x1 = seg.ys[ty], seg.ys[ty + 1], seg.xs[tx], seg.xs[tx + 1]
             ry0, ry1, py0, py1, cy = _axis(s.kind, y0, y1, seg.height, hin)
             rx0, rx1, px0, px1, cx = _axis(s.kind, x0, x1, seg.width, win)
-            x = _read(src, ry0, ry1, rx0, rx1, run.dtype, run.device)
+            # normalised inputs convert on the fly (the affine promotes to float32)
+            x = _read(src, ry0, ry1, rx0, rx1, run.dtype if affine is not None else run.work, run.device)
             if s.kind == "up":
                 hh = (y1 + 1 - py1) - (y0 - 1 + py0)
                 ww = (x1 + 1 - px1) - (x0 - 1 + px0)
@@ -604,7 +635,7 @@ def _conv_step(run: _Run, s: Step, src, dst: SpillArray, res, stats_in: _Stats |
             if pre is not None:
                 x = _pointwise(x, pre)
             if affine is not None:
-                x = _normalise(x, affine, s.silu, run.dtype)
+                x = _normalise(x, affine, s.silu, run.work)
             if py0 or py1 or px0 or px1:
                 x = F.pad(x, (px0, px1, py0, py1))
             y = F.conv2d(x, w, b, stride=stride)
@@ -612,7 +643,7 @@ def _conv_step(run: _Run, s: Step, src, dst: SpillArray, res, stats_in: _Stats |
             if post is not None:
                 y = _pointwise(y, post)
             if res is not None:
-                r = _read(res, y0, y1, x0, x1, run.dtype, run.device)
+                r = _read(res, y0, y1, x0, x1, run.work if rconv is not None else run.dtype, run.device)
                 if rconv is not None:
                     r = _pointwise(r, rconv)
                 y.add_(r)
@@ -625,7 +656,7 @@ def _conv_step(run: _Run, s: Step, src, dst: SpillArray, res, stats_in: _Stats |
 
 
 def _kv_step(run: _Run, s: Step, src: SpillArray, dst: SpillArray, stats_in: _Stats, seg: SegmentInfo) -> None:
-    wts = _Weights(run.model, run.dtype, run.device)
+    wts = _Weights(run.model, run.work, run.device)
     wk, bk = wts.linear(f"{s.conv}.k")
     wv, bv = wts.linear(f"{s.conv}.v")
     w, b = torch.cat([wk, wv]), torch.cat([bk, bv])
@@ -635,7 +666,7 @@ def _kv_step(run: _Run, s: Step, src: SpillArray, dst: SpillArray, stats_in: _St
         for tx in range(len(seg.xs) - 1):
             run.check()
             y0, y1, x0, x1 = seg.ys[ty], seg.ys[ty + 1], seg.xs[tx], seg.xs[tx + 1]
-            x = _normalise(_read(src, y0, y1, x0, x1, run.dtype, run.device), affine, False, run.dtype)
+            x = _normalise(_read(src, y0, y1, x0, x1, run.dtype, run.device), affine, False, run.work)
             kv = F.linear(_tokens(x), w, b)
             del x
             dst.write(y0, x0, _untokens(kv, y1 - y0, x1 - x0)[0])
@@ -685,7 +716,7 @@ def _attn_step(run: _Run, s: Step, src: SpillArray, kv: SpillArray | None, dst: 
             y0, y1, x0, x1 = seg.ys[ty], seg.ys[ty + 1], seg.xs[tx], seg.xs[tx + 1]
             h, w = y1 - y0, x1 - x0
             x = _read(src, y0, y1, x0, x1, run.dtype, run.device)
-            xn = _tokens(_normalise(x.clone(), affine, False, f32))
+            xn = _tokens(_normalise(x, affine, False, f32))
             q = F.linear(xn, wq, bq)
             chunk = max(MIN_KV_CHUNK, run.tile_elems // q.shape[0])
             if kv is not None:
@@ -710,7 +741,7 @@ def _attn_step(run: _Run, s: Step, src: SpillArray, kv: SpillArray | None, dst: 
             run.tick()
 
 
-def _execute(run: _Run, sources: dict, sink: SpillArray) -> int:
+def _execute(run: _Run, sources: dict, sink: SpillArray, stats_out: TiledRunStats | None = None) -> int:
     """Run every step; returns the peak spill bytes held.  Closes what it opened."""
     plan = run.plan
     segs = _segments(plan, run.tile_elems)
@@ -757,6 +788,8 @@ def _execute(run: _Run, sources: dict, sink: SpillArray) -> int:
     finally:
         for arr in opened:
             arr.close()
+    if stats_out is not None:
+        stats_out.peak_spill_bytes, stats_out.passes, stats_out.tiles = peak, len(plan.steps), run.total
     return peak
 
 
@@ -790,7 +823,7 @@ def _check_dtype(vae: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype
 def decode_tiled(vae: torch.nn.Module, z: torch.Tensor, *, tile: int = 64, dtype: torch.dtype | None = None,
                  spill_dir: str | None = None, attention: str = "global", output: str = "uint8",
                  progress: Callable[[int, int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> SpillArray:
+                 should_stop: Callable[[], bool] | None = None, stats: TiledRunStats | None = None) -> SpillArray:
     """Decode ``z`` (1, embed_dim, h, w), *unscaled*, to an (8h, 8w, 3) :class:`SpillArray`.
 
     ``vae``: an :class:`~lib_hrlr.models.vae.AutoencoderKL` with its decoder (``.cfg``,
@@ -799,7 +832,8 @@ def decode_tiled(vae: torch.nn.Module, z: torch.Tensor, *, tile: int = 64, dtype
     ``output="uint8"``: pixels rounded from [-1, 1] to 0..255 (what a PNG writer reads with
     ``read_rows``); ``"float"``: float32 in [-1, 1], unclamped.  ``progress(done, total)``
     after each tile of each segment; ``should_stop()`` before each tile: True raises
-    :class:`~lib_hrlr.errors.Interrupted`.  The caller closes the returned array.
+    :class:`~lib_hrlr.errors.Interrupted`.  ``stats``: filled with what the run did
+    (:class:`TiledRunStats`).  The caller closes the returned array.
     """
     if not getattr(vae, "has_decoder", False):
         raise InvalidInput("vae", "needs an AutoencoderKL built with its decoder")
@@ -815,9 +849,10 @@ def decode_tiled(vae: torch.nn.Module, z: torch.Tensor, *, tile: int = 64, dtype
     device = next(vae.parameters()).device
     oh, ow, oc = plan.shapes["out"]
     sink = SpillArray(oh, ow, oc, torch.uint8 if output == "uint8" else torch.float32, spill_dir)
-    run = _Run(vae, plan, _tile_elems(cfg, tile), dtype, device, spill_dir, progress, should_stop, output)
+    run = _Run(vae, plan, _tile_elems(cfg, tile), dtype, device, spill_dir, progress, should_stop, output,
+               kernel_dtype(dtype, device))
     try:
-        _execute(run, {"z": TensorImageSource(z.detach().float()[0])}, sink)
+        _execute(run, {"z": TensorImageSource(z.detach().float()[0])}, sink, stats)
     except BaseException:
         sink.close()
         raise
@@ -827,7 +862,7 @@ def decode_tiled(vae: torch.nn.Module, z: torch.Tensor, *, tile: int = 64, dtype
 def encode_tiled(vae: torch.nn.Module, image: ImageSource, *, tile: int = 512, dtype: torch.dtype | None = None,
                  spill_dir: str | None = None, attention: str = "global",
                  progress: Callable[[int, int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                 should_stop: Callable[[], bool] | None = None, stats: TiledRunStats | None = None) -> torch.Tensor:
     """Encode an image source to its latent mean (1, embed_dim, H/8, W/8), *unscaled*, float32.
 
     ``image``: ``.height``, ``.width`` (multiples of 8) and ``.read(y0, y1, x0, x1)`` →
@@ -848,6 +883,7 @@ def encode_tiled(vae: torch.nn.Module, image: ImageSource, *, tile: int = 512, d
     device = next(vae.parameters()).device
     lh, lw, lc = plan.shapes["latent"]
     with SpillArray(lh, lw, lc, torch.float32, spill_dir) as sink:
-        run = _Run(vae, plan, _tile_elems(cfg, latent_tile), dtype, device, spill_dir, progress, should_stop, "float")
-        _execute(run, {"image": image}, sink)
+        run = _Run(vae, plan, _tile_elems(cfg, latent_tile), dtype, device, spill_dir, progress, should_stop, "float",
+                   kernel_dtype(dtype, device))
+        _execute(run, {"image": image}, sink, stats)
         return sink.to_tensor()

@@ -14,6 +14,11 @@ sides alike.  Also printed: our peak spill bytes (measured: the spill files open
 next to :func:`~lib_hrlr.vae.tiled_vae.estimate_spill_bytes`, and exactness on a small latent
 (``--exact-latent``): ours tiled (several tiles per segment) against ours untiled in the same
 dtype and against a float32 untiled decode.
+
+On a CPU without oneDNN bfloat16 kernels (AVX2 only: :func:`~lib_hrlr.vae.tiled_vae.kernel_dtype`
+returns float32 for bfloat16) torch's bfloat16 convolution in diffusers' NCHW layout falls back
+to a reference kernel some 50-100x slower than float32, so a bfloat16 comparison there measures
+that fallback; the bench says so, and ``--vae-dtype fp32`` compares like with like.
 """
 
 from __future__ import annotations
@@ -90,7 +95,7 @@ def run_vae_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
     from ..memory.meter import rss_mb
     from ..pipeline.components import vae_half
     from ..runtime import DTYPES, tune_allocator
-    from ..vae.tiled_vae import TiledRunStats, decode_tiled, estimate_spill_bytes
+    from ..vae.tiled_vae import TiledRunStats, decode_tiled, estimate_spill_bytes, kernel_dtype
     from ..weights.checkpoint import open_checkpoint
     from ..weights.random_checkpoint import cached_random_checkpoint
 
@@ -98,6 +103,9 @@ def run_vae_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
         torch.set_num_threads(a.threads)
     tune_allocator()
     dtype = DTYPES[a.vae_dtype]
+    if kernel_dtype(dtype) != dtype:
+        log("warning: this CPU has no oneDNN bfloat16 kernels: diffusers' bfloat16 decode runs torch's reference "
+            "convolution (very slow) while ours computes in float32; use --vae-dtype fp32 to compare like with like")
     ckpt = open_checkpoint(str(cached_random_checkpoint(a.arch)))
     cfg = ckpt.config
     side = a.latent or 128

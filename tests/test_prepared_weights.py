@@ -149,6 +149,8 @@ def test_unet_bench_compares_prepared_and_converting_streams(monkeypatch, tmp_pa
     out = tmp_path / "u.json"
     assert main(["bench", "--unet-only", "--arch", "tiny", "--unet-dtype", "bf16", "--batches", "1", "--repeats", "1",
                  "--variants", "resident,streamed,streamed_convert", "--latent", "16", "--json", str(out)]) == 0
+    # the bench leaves the process's autograd state as it found it
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     res = json.loads(out.read_text())
     assert [r["name"] for r in res["results"]] == ["resident", "streamed", "streamed_convert"]
     stats = res["stream_stats"]

@@ -242,6 +242,12 @@ def run_peer_bench(a) -> int:
         p = peer["wall_s"] if k == "end_to_end" else peer["stages"].get(k)
         print(f"{k:<14}{o if o is not None else '-':>10}{p if p is not None else '-':>13}"
               f"{speed[k] if speed[k] is not None else '-':>13}")
+    return _report(a, result, limit, r_ours, r_peer)
+
+
+def _report(a, result: dict, limit, r_ours, r_peer) -> int:
+    """The lines every peer bench ends with, and its JSON."""
+    ours, peer = result["ours"], result["peer"]
     print(f"peak_rss_mb ours={ours['peak_rss_mb']} peer={peer['peak_rss_mb']} memory_ratio={result['memory_ratio']}")
     if limit is not None:
         print(f"cgroup {limit} MB: ours {r_ours.cgroup}, peer {r_peer.cgroup}")
@@ -287,9 +293,4 @@ def _finish_xl(a, job: dict, ours: dict, r_ours, folder: str, tmp: str, env: dic
     state = "finished" if peer["finished"] else (f"did NOT finish (exit {peer['exit_status']}, "
                                                   f"reached {peer['reached']}, died in {peer['died_in']})")
     print(f"peer {state}; offload: {peer['offload']}")
-    print(f"peak_rss_mb ours={ours['peak_rss_mb']} peer={peer['peak_rss_mb']} memory_ratio={result['memory_ratio']}")
-    if limit is not None:
-        print(f"cgroup {limit} MB: ours {r_ours.cgroup}, peer {r_peer.cgroup}")
-    if a.json:
-        write_json(a.json, result)
-    return 0
+    return _report(a, result, limit, r_ours, r_peer)

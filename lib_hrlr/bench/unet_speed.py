@@ -183,7 +183,7 @@ def run_unet_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
 
         raise InvalidInput("variants", f"{', '.join(bad)}; allowed are {', '.join(VARIANTS)}")
     results: list[VariantResult] = []
-    with contextlib.ExitStack() as stack, torch.inference_mode():
+    with torch.inference_mode(), contextlib.ExitStack() as stack:  # the stack (streamers) closes first
         unet, res_streamer = resident_unet(ckpt, dtype)
         stack.callback(res_streamer.close)
         fns = {}

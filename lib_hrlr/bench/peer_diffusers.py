@@ -50,37 +50,50 @@ def scheduler():
                                        algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lib_hrlr.bench.peer_diffusers")
+def peer_args(prog: str, add_job) -> argparse.ArgumentParser:
+    """The arguments every peer child takes; ``add_job(p)`` adds the job's own."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--folder", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--height", type=int, required=True)
-    p.add_argument("--native", type=int, required=True, help="base pass size in px")
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--tiled-steps", type=int, required=True)
-    p.add_argument("--tile", type=int, required=True, help="latent px")
-    p.add_argument("--overlap", type=int, required=True, help="latent px")
-    p.add_argument("--view-batch-size", type=int, required=True)
+    add_job(p)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32", "fp16"))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
     p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
+    return p
 
-    t_start = time.perf_counter()
+
+def torch_for(a):
+    """torch with the child's thread count, and its compute dtype."""
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    return torch, {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[a.dtype]
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--native", type=int, required=True, help="base pass size in px")
+    p.add_argument("--tiled-steps", type=int, required=True)
+    p.add_argument("--tile", type=int, required=True, help="latent px")
+    p.add_argument("--overlap", type=int, required=True, help="latent px")
+    p.add_argument("--view-batch-size", type=int, required=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = peer_args("python -m lib_hrlr.bench.peer_diffusers", _job_args).parse_args(argv)
+    t_start = time.perf_counter()
+    torch, dtype = torch_for(a)
     import diffusers
     import transformers
     from PIL import Image
 
     from ..tiling.plan import plan_tiles
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[a.dtype]
     stages: dict[str, float] = {}
 
     def stage(name, t0):

@@ -42,14 +42,13 @@ result: ``{"stages": {name: seconds}, "wall_s", "load_peak_rss_mb", "run_peak_rs
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
 from ..memory.meter import reset_peak_rss
-from .peer_diffusers import _status_kb, scheduler
+from .peer_diffusers import _status_kb, peer_args, scheduler, torch_for
 
 STAGES = ("load", "text_encoder", "unet", "vae_decode", "png_write")
 
@@ -77,28 +76,12 @@ def _try_offload(pipe, method: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lib_hrlr.bench.peer_diffusers_xl")
-    p.add_argument("--folder", required=True)
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--width", type=int, required=True)
-    p.add_argument("--height", type=int, required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32", "fp16"))
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default="")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-
+    a = peer_args("python -m lib_hrlr.bench.peer_diffusers_xl", lambda p: None).parse_args(argv)
     t_start = time.perf_counter()
-    import torch
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch, dtype = torch_for(a)
     import diffusers
     import transformers
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[a.dtype]
     stages: dict[str, float] = {}
 
     def begin(name: str) -> float:

@@ -76,6 +76,14 @@ def torch_for(a):
     return torch, {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[a.dtype]
 
 
+def count_samples(unet) -> dict:
+    """``{"samples": n}``, kept up to date with the batch rows ``unet`` is called on (changes nothing)."""
+    evals = {"samples": 0}
+    unet.register_forward_pre_hook(lambda m, args, kw: evals.__setitem__("samples", evals["samples"] + args[0].shape[0]),
+                                   with_kwargs=True)
+    return evals
+
+
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--native", type=int, required=True, help="base pass size in px")
     p.add_argument("--tiled-steps", type=int, required=True)
@@ -110,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     pano = diffusers.StableDiffusionPanoramaPipeline(**parts)
     for pipe in (base_pipe, pano):
         pipe.set_progress_bar_config(disable=True)
-    evals = {"samples": 0}
-    unet.register_forward_pre_hook(lambda m, args, kw: evals.__setitem__("samples", evals["samples"] + args[0].shape[0]),
-                                   with_kwargs=True)  # counts UNet evaluations, changes nothing
+    evals = count_samples(unet)
     stage("load", t0)
     load_peak_kb = _status_kb("VmHWM")
     reset = reset_peak_rss()

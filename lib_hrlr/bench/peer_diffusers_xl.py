@@ -48,7 +48,7 @@ import sys
 import time
 
 from ..memory.meter import reset_peak_rss
-from .peer_diffusers import _status_kb, peer_args, scheduler, torch_for
+from .peer_diffusers import _status_kb, count_samples, peer_args, scheduler, torch_for
 
 STAGES = ("load", "text_encoder", "unet", "vae_decode", "png_write")
 
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     offload = {"enable_model_cpu_offload": _try_offload(pipe, "enable_model_cpu_offload")}
     if not offload["enable_model_cpu_offload"]["used"]:
         offload["enable_sequential_cpu_offload"] = _try_offload(pipe, "enable_sequential_cpu_offload")
-    evals = {"samples": 0}
-    unet.register_forward_pre_hook(lambda m, args, kw: evals.__setitem__("samples", evals["samples"] + args[0].shape[0]),
-                                   with_kwargs=True)  # counts UNet evaluations, changes nothing
+    evals = count_samples(unet)
     done("load", t0)
     load_peak_kb = _status_kb("VmHWM")
     reset = reset_peak_rss()

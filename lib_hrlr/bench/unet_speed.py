@@ -94,13 +94,23 @@ def diffusers_twin(unet, cfg, dtype: torch.dtype):
     ucfg, _, _ = diffusers_configs(cfg)
     with torch.device("meta"):
         theirs = diffusers.UNet2DConditionModel(**ucfg)
-    ours = unet.state_dict()
-    key_map = diffusers_key_map(cfg.unet)
-    shapes = {k: v.shape for k, v in theirs.state_dict().items()}
-    state = {k: ours[key_map[k]].reshape(shapes[k]) for k in shapes}
-    theirs.load_state_dict(state, strict=True, assign=True)
+    assign_shared(theirs, unet, diffusers_key_map(cfg.unet))
     theirs.eval().requires_grad_(False)
     return theirs.to(dtype)
+
+
+def assign_shared(theirs, ours, key_map: dict[str, str], prefixes: tuple[str, ...] | None = None) -> None:
+    """Give the meta-built diffusers model ``theirs`` the tensors of our ``ours`` (shared, not
+    copied; ``key_map``: their name -> ours), all of them, or only the names under ``prefixes``
+    (each of those must be set)."""
+    mine = ours.state_dict()
+    shapes = {k: v.shape for k, v in theirs.state_dict().items()}
+    wanted = [k for k in shapes if prefixes is None or k.startswith(prefixes)]
+    missing = theirs.load_state_dict({k: mine[key_map[k]].reshape(shapes[k]) for k in wanted},
+                                     strict=prefixes is None, assign=True).missing_keys
+    unset = [k for k in missing if prefixes is not None and k.startswith(prefixes)]
+    if unset:
+        raise RuntimeError(f"diffusers keys left unset: {unset[:5]}")
 
 
 @contextlib.contextmanager

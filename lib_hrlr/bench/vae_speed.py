@@ -54,18 +54,12 @@ def diffusers_decoder_twin(vae, cfg, dtype: torch.dtype):
 
     from ..models.vae import diffusers_key_map
     from ..weights.random_checkpoint import diffusers_configs
+    from .unet_speed import assign_shared
 
     _, vcfg, _ = diffusers_configs(cfg)
     with torch.device("meta"):
         theirs = diffusers.AutoencoderKL(**vcfg)
-    ours = vae.state_dict()
-    key_map = diffusers_key_map(cfg.vae)
-    shapes = {k: v.shape for k, v in theirs.state_dict().items()}
-    state = {k: ours[key_map[k]].reshape(shapes[k]) for k in shapes
-             if k.startswith(("decoder.", "post_quant_conv."))}
-    missing = theirs.load_state_dict(state, strict=False, assign=True).missing_keys
-    if any(k.startswith(("decoder.", "post_quant_conv.")) for k in missing):
-        raise RuntimeError(f"diffusers decoder keys left unset: {missing[:5]}")
+    assign_shared(theirs, vae, diffusers_key_map(cfg.vae), prefixes=("decoder.", "post_quant_conv."))
     return theirs.eval().requires_grad_(False)
 
 

@@ -131,13 +131,13 @@ def _matches(path: Path, sources: dict[str, TensorSource], dtype: torch.dtype) -
 
 def _write(tmp: Path, sources: dict[str, TensorSource], dtype: torch.dtype, should_stop=None) -> None:
     items = _ordered(sources)
-    header, offsets = build_header([(n, target_dtype(s, dtype), s.info.shape) for n, s in items], {"format": FORMAT})
+    header, _ = build_header([(n, target_dtype(s, dtype), s.info.shape) for n, s in items], {"format": FORMAT})
     fds: dict[str, int] = {}
     buf = torch.empty(COPY_BYTES, dtype=torch.uint8)
     try:
         with open(tmp, "wb") as out:
             out.write(header)
-            for (name, src), _ in zip(items, offsets):
+            for _, src in items:  # back to back, in the header's order
                 if should_stop is not None and should_stop():
                     from ..errors import Interrupted
 

@@ -10,7 +10,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from hrlr_glue import request  # noqa: E402
 from hrlr_glue.accordion_plan import AccordionArgs, accordion_args, plan_accordion_tiles  # noqa: E402
+from lib_hrlr.config.architectures import ARCHITECTURES  # noqa: E402
 from lib_hrlr.errors import InvalidInput  # noqa: E402
 from lib_hrlr.tiling.wrap import TiledDenoiser  # noqa: E402
 
@@ -91,14 +93,34 @@ def test_args_by_position_and_by_name_agree():
     assert accordion_args([{"enabled": True, "batch": 4}]) == AccordionArgs(enabled=True, tiles_per_call=4)
     # the webui passes the UI's defaults after a dict: they are ignored
     assert accordion_args([{"tile": 32}, 64, 16, 1, "Gaussian", "Tiled full VAE"]).tile == 32
-    # defaults: off, the engine's SD 1.x tile and overlap
-    assert accordion_args([]) == AccordionArgs() and (AccordionArgs().tile, AccordionArgs().overlap) == (64, 16)
+    # defaults: off, and the loaded model's own tile and overlap (0 and -1 until a model is known)
+    assert accordion_args([]) == AccordionArgs() and (AccordionArgs().tile, AccordionArgs().overlap) == (0, -1)
     # the API's JSON types
     assert accordion_args(["true", 64.0, 16, 1, "Gaussian", "Tiled full VAE"]).enabled is True
 
 
+def test_default_tile_and_overlap_follow_the_loaded_model():
+    """An SDXL checkpoint gets its 1024-px tiles (128 latent px, overlap 32), not SD 1.x's 512 px;
+    an explicit value is kept, and an overlap that the model's tile cannot hold is refused by name."""
+    sd15, sdxl = ARCHITECTURES["sd15"], ARCHITECTURES["sdxl"]
+    d = accordion_args([True])
+    assert (d.for_model(sd15).tile, d.for_model(sd15).overlap) == (sd15.latent_tile, sd15.latent_tile // 4) == (64, 16)
+    assert (d.for_model(sdxl).tile, d.for_model(sdxl).overlap) == (sdxl.latent_tile, sdxl.latent_tile // 4) == (128, 32)
+    assert accordion_args([True, 0, 40]).for_model(sdxl).overlap == 40  # the model's tile, the user's overlap
+    quarter = accordion_args([True, 96, -1]).for_model(sd15)  # the user's tile, a quarter of it
+    assert (quarter.tile, quarter.overlap) == (96, 24)
+    assert accordion_args([True, 48, 8]).for_model(sdxl) == accordion_args([True, 48, 8])  # explicit: unchanged
+    with pytest.raises(InvalidInput) as e:
+        accordion_args([True, 0, 80]).for_model(sd15)
+    assert e.value.field == "overlap" and "64" in str(e.value)
+    # the slider positions become the request's "model's own" (None), other values pass
+    assert request.slider_tiles(0, -1) == (None, None) and request.slider_tiles(96, 0) == (96, 0)
+
+
 @pytest.mark.parametrize("args, field", [
     ([{"tiles": 4}], "tiles"),
+    ([True, -8, 16, 1, "Gaussian", "Tiled full VAE"], "tile"),
+    ([True, 0, -2, 1, "Gaussian", "Tiled full VAE"], "overlap"),
     ([True, 60, 16, 1, "Gaussian", "Tiled full VAE"], "tile"),
     ([True, 64, 64, 1, "Gaussian", "Tiled full VAE"], "overlap"),
     ([True, 64, 16, 0, "Gaussian", "Tiled full VAE"], "tiles_per_call"),

@@ -17,7 +17,7 @@ from lib_hrlr.tiling.wrap import TiledDenoiser
 from . import infotext_paste as paste
 from .accordion_plan import AccordionArgs, accordion_args, encode_first_stage_divisor, plan_accordion_tiles
 from .lifecycle import model_config
-from .request import VAE_CHOICES, WEIGHTING_CHOICES
+from .request import MODEL_TILE, OVERLAP_HELP, QUARTER_OVERLAP, TILE_HELP, VAE_CHOICES, WEIGHTING_CHOICES
 from .run import webui_taesd_dir
 from .tab import TILES_PER_CALL, TITLE
 
@@ -42,8 +42,10 @@ class HrlrScript(scripts.Script):
             enabled = gr.Checkbox(d.enabled, label="Enable tiled denoising and tiled VAE",
                                   elem_id=self.elem_id("enabled"))
             with FormRow():
-                tile = gr.Slider(16, 128, value=d.tile, step=8, label="Tile (latent px)", elem_id=self.elem_id("tile"))
-                overlap = gr.Slider(0, 64, value=d.overlap, step=4, label="Overlap", elem_id=self.elem_id("overlap"))
+                tile = gr.Slider(MODEL_TILE, 128, value=d.tile, step=8, label=f"Tile (latent px; {TILE_HELP})",
+                                 elem_id=self.elem_id("tile"))
+                overlap = gr.Slider(QUARTER_OVERLAP, 64, value=d.overlap, step=1, label=f"Overlap ({OVERLAP_HELP})",
+                                    elem_id=self.elem_id("overlap"))
                 batch = gr.Slider(1, 16, value=d.tiles_per_call, step=1, label=TILES_PER_CALL,
                                   elem_id=self.elem_id("batch"))
             with FormRow():
@@ -84,13 +86,14 @@ class HrlrScript(scripts.Script):
         a = accordion_args(args)
         if not a.enabled:
             return
+        model = p.sd_model
+        cfg = model_config(model.sd_checkpoint_info.filename)
+        a = a.for_model(cfg)  # tile 0 / overlap -1: this model's own (SD 1.x 64/16, SDXL 128/32)
         self._args = a
         mode = a.vae_value
         p.extra_generation_params.update({"HRLR tile": a.tile, "HRLR overlap": a.overlap,
                                           "HRLR tile batch": a.tiles_per_call,
                                           "HRLR weighting": a.weighting_value, "HRLR VAE": mode})
-        model = p.sd_model
-        cfg = model_config(model.sd_checkpoint_info.filename)
         backend = LdmBackend(model, cfg, "", "")
         backend.prepare(RunSettings(dtype=devices.dtype_vae, device=devices.device, vae_dtype=devices.dtype_vae,
                                     vae_device=devices.device, vae_mode=mode,

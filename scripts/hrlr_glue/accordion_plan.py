@@ -2,7 +2,9 @@
 
 Arguments come positionally in the UI's order (``[true, 64, 16, 1, "Gaussian", "Tiled full VAE"]``)
 or by name as one dict (``[{"enabled": true, "tile": 48}]`` in the API's ``alwayson_scripts``
-``args``; names missing from the dict keep their defaults).
+``args``; names missing from the dict keep their defaults).  Tile 0 and overlap -1 (the
+defaults) mean the loaded model's own: :meth:`AccordionArgs.for_model` makes them concrete
+(SD 1.x 64/16, SDXL 128/32 latent px), and the infotext records the concrete values.
 
 Any size the webui accepts works: a latent side smaller than the tile gets the tile rounded
 down to a multiple of 8 latent px that fits, and a canvas that fits in one tile gets an
@@ -18,17 +20,25 @@ from typing import Optional, Sequence
 from lib_hrlr.errors import InvalidInput
 from lib_hrlr.tiling.plan import TILE_MULTIPLE, TilePlan, plan_tiles
 
-from .request import DEFAULTS, SD1, VAE_CHOICES, WEIGHTING_CHOICES, label_of
+from .request import (DEFAULTS, MODEL_TILE, QUARTER_OVERLAP, VAE_CHOICES, WEIGHTING_CHOICES, label_of,
+                      resolve_tiles)
 
 
 @dataclass(frozen=True)
 class AccordionArgs:
     enabled: bool = False
-    tile: int = SD1.tile  # latent px
-    overlap: int = SD1.overlap  # latent px
+    tile: int = MODEL_TILE  # latent px; 0: the model's own
+    overlap: int = QUARTER_OVERLAP  # latent px; -1: a quarter of the tile
     tiles_per_call: int = 1
     weighting: str = label_of(WEIGHTING_CHOICES, DEFAULTS["weighting"])
     vae: str = label_of(VAE_CHOICES, DEFAULTS["vae"])
+
+    def for_model(self, model) -> "AccordionArgs":
+        """A copy with the concrete tile and overlap for ``model`` (a ``ModelConfig``)."""
+        tile, overlap = resolve_tiles(self.tile, self.overlap, model)
+        if overlap >= tile:
+            raise InvalidInput("overlap", f"must be smaller than the tile ({tile} for this model), got {overlap}")
+        return dataclasses.replace(self, tile=tile, overlap=overlap)
 
     @property
     def weighting_value(self) -> str:
@@ -76,10 +86,12 @@ def accordion_args(args: Sequence) -> AccordionArgs:
     a = dataclasses.replace(AccordionArgs(), **named)
     enabled = a.enabled if isinstance(a.enabled, bool) else str(a.enabled).lower() in ("true", "1", "yes", "on")
     tile, overlap, per_call = _int("tile", a.tile), _int("overlap", a.overlap), _int("tiles_per_call", a.tiles_per_call)
-    if tile <= 0 or tile % TILE_MULTIPLE:
-        raise InvalidInput("tile", f"must be a positive multiple of {TILE_MULTIPLE} latent px, got {tile}")
-    if not 0 <= overlap < tile:
-        raise InvalidInput("overlap", f"must be at least 0 and smaller than the tile ({tile}), got {overlap}")
+    if tile != MODEL_TILE and (tile < 0 or tile % TILE_MULTIPLE):
+        raise InvalidInput("tile", f"must be {MODEL_TILE} (the model's own) or a positive multiple of "
+                                   f"{TILE_MULTIPLE} latent px, got {tile}")
+    if overlap != QUARTER_OVERLAP and (overlap < 0 or (tile != MODEL_TILE and overlap >= tile)):
+        raise InvalidInput("overlap", f"must be {QUARTER_OVERLAP} (a quarter of the tile), or at least 0 and smaller "
+                                      f"than the tile ({tile or 'the model’s own'}), got {overlap}")
     if per_call < 1:
         raise InvalidInput("tiles_per_call", f"must be at least 1, got {per_call}")
     return AccordionArgs(enabled=enabled, tile=tile, overlap=overlap, tiles_per_call=per_call,

@@ -2,8 +2,10 @@
 to the engine's :class:`GenerationParams` (in :func:`to_params`, nowhere else).
 
 Defaults come from ``GenerationParams``; the settings whose engine default depends on the
-model (tile, overlap) are ``None`` here ("the model's own"), and the tab shows the SD 1.x values
-the engine derives (:data:`SD1`).  Only the webui-specific fields (sampler and scheduler names,
+model (tile, overlap) are ``None`` here ("the model's own"); the tab's and the accordion's
+sliders say the same with :data:`MODEL_TILE` (tile 0) and :data:`QUARTER_OVERLAP` (overlap -1),
+which :func:`slider_tiles` maps to ``None`` and :func:`resolve_tiles` to the loaded model's
+values (SD 1.x 64/16, SDXL 128/32: :data:`SD1`, :data:`SDXL`).  Only the webui-specific fields (sampler and scheduler names,
 LowRAM switches) have their defaults declared here.
 
 Limits (each answered with a 422 / tab error naming the field):
@@ -31,6 +33,12 @@ from lib_hrlr.tiling.regions import WEIGHT_HELP, Region
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationParams)}
 # the engine's model-dependent defaults resolved for SD 1.x: what the tab's sliders start at
 SD1 = with_model_defaults(GenerationParams(prompt=""), ARCHITECTURES["sd15"])
+SDXL = with_model_defaults(GenerationParams(prompt=""), ARCHITECTURES["sdxl"])
+# the sliders' "the model's own" positions (a slider cannot be empty): tile 0, overlap -1
+MODEL_TILE = 0
+QUARTER_OVERLAP = -1
+TILE_HELP = f"{MODEL_TILE} = the model's own: {SD1.tile} for SD 1.x, {SDXL.tile} for SDXL"
+OVERLAP_HELP = f"{QUARTER_OVERLAP} = a quarter of the tile"
 
 MAX_SIDE = 8192
 MAX_PROMPT_CHUNKS = 20  # x 75 tokens = 1500 tokens
@@ -45,6 +53,20 @@ VAE_CHOICES = {"Tiled full VAE": "full", "TAESD": "taesd"}
 WEIGHTING_CHOICES = {"Gaussian": "gaussian", "Uniform": "uniform"}
 LOWRAM_DTYPE_CHOICES = {"Follow the webui": "webui", "bf16": "bf16", "fp32": "fp32"}
 REGION_HEADERS = ["x", "y", "w", "h", "weight", "prompt"]
+
+
+def slider_tiles(tile: Optional[int], overlap: Optional[int]) -> tuple:
+    """``(tile, overlap)`` as the request takes them: the sliders' "model's own" positions
+    (:data:`MODEL_TILE`, :data:`QUARTER_OVERLAP`) become ``None``; other values pass unchanged."""
+    return (None if tile == MODEL_TILE else tile, None if overlap == QUARTER_OVERLAP else overlap)
+
+
+def resolve_tiles(tile: Optional[int], overlap: Optional[int], model) -> tuple:
+    """Concrete ``(tile, overlap)`` for ``model`` (a ``ModelConfig``): the engine's own rule
+    (the model's latent tile, a quarter of the tile) for the ``None`` / slider defaults."""
+    t, o = slider_tiles(tile, overlap)
+    p = with_model_defaults(GenerationParams(prompt="", tile=t, overlap=o), model)
+    return p.tile, p.overlap
 
 
 def label_of(choices: dict, value: str) -> str:

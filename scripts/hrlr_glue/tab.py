@@ -14,8 +14,9 @@ from lib_hrlr.tiling.regions import WEIGHT_HELP
 
 from . import infotext_paste as paste
 from .memory_html import error_html, memory_html, warnings_html
-from .request import (DEFAULTS, LOWRAM_DTYPE_CHOICES, REGION_HEADERS, REGION_TEMPLATE, SD1, SIZE_PRESETS,
-                      VAE_CHOICES, WEIGHTING_CHOICES, HrlrRequest, label_of, regions_from_table, request_from)
+from .request import (DEFAULTS, LOWRAM_DTYPE_CHOICES, MODEL_TILE, OVERLAP_HELP, QUARTER_OVERLAP, REGION_HEADERS,
+                      REGION_TEMPLATE, SIZE_PRESETS, TILE_HELP, VAE_CHOICES, WEIGHTING_CHOICES, HrlrRequest, label_of,
+                      regions_from_table, request_from, slider_tiles)
 from .run import output_dir, run_generation
 from .samplers import sampler_names, scheduler_names
 
@@ -49,6 +50,7 @@ def tab_request(values: dict) -> HrlrRequest:
     for k in ("width", "height", "steps", "seed", "tile", "overlap", "tile_batch"):
         if v.get(k) is not None:
             v[k] = int(v[k])
+    v["tile"], v["overlap"] = slider_tiles(v.get("tile"), v.get("overlap"))
     return request_from(v)
 
 
@@ -157,10 +159,10 @@ def on_ui_tabs(send: PngInfoSend):
                                                         label="Guide strength", elem_id="hrlr_strength")
                 with gr.Accordion("Tiles and regions", open=False):
                     with FormRow():
-                        c["tile"] = gr.Slider(16, 128, value=SD1.tile, step=8, label="Tile (latent px)",
-                                              elem_id="hrlr_tile")
-                        c["overlap"] = gr.Slider(0, 64, value=SD1.overlap, step=4, label="Overlap (latent px)",
-                                                 elem_id="hrlr_overlap")
+                        c["tile"] = gr.Slider(MODEL_TILE, 128, value=MODEL_TILE, step=8,
+                                              label=f"Tile (latent px; {TILE_HELP})", elem_id="hrlr_tile")
+                        c["overlap"] = gr.Slider(QUARTER_OVERLAP, 64, value=QUARTER_OVERLAP, step=1,
+                                                 label=f"Overlap (latent px; {OVERLAP_HELP})", elem_id="hrlr_overlap")
                         c["tile_batch"] = gr.Slider(0, 16, value=0, step=1,
                                                     label=f"{TILES_PER_CALL} (0 = as many as the budget allows)",
                                                     elem_id="hrlr_tile_batch")

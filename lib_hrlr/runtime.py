@@ -106,16 +106,28 @@ def tune_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2, onednn_cache:
                                      f"onednn_cache={os.environ[ONEDNN_CACHE_ENV]}")
 
 
-def trim_allocator() -> None:
-    """Hand free heap memory back to the kernel (glibc ``malloc_trim``); no-op elsewhere."""
+@functools.lru_cache(maxsize=1)
+def _glibc_trim():
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess), or None."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_allocator() -> None:
+    """Hand free heap memory back to the kernel (glibc ``malloc_trim``); no-op elsewhere.
+
+    Cheap enough to call after every UNet call (milliseconds against seconds): the small
+    tensors of a streamed call (biases, norms, chunks under the mmap threshold) leave freed
+    but still resident pages in glibc's heaps, which otherwise add up over the calls of a
+    pass (SDXL in fp32: 62 MB after one step, measured with ``/proc/self/status``)."""
+    trim = _glibc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def cache_dir() -> str:

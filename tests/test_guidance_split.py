@@ -68,6 +68,19 @@ def test_a_tile_that_fits_no_way_names_the_largest_that_does():
     assert e.value.field == "budget_mb"
 
 
+def test_a_budget_too_small_for_the_base_pass_names_no_tile():
+    # 700 MB in fp32: tile 96 would fit the tiled pass, but the 1024² base pass (128² latent, one
+    # sample per call) needs about 791 MB whatever the tile, so naming a tile would only lead to a
+    # second refusal
+    with pytest.raises(BudgetError) as e:
+        plan(SDXL, 120, 4, budget=700)
+    assert e.value.field == "budget_mb" and "--tile" not in str(e.value)
+    assert "no tile helps: the native-size base pass (16384 latent px) alone needs about 791 MB" in str(e.value)
+    # with the tiled pass's tile that the hint used to name, the base pass is what is refused
+    with pytest.raises(BudgetError, match=r"native-size base pass \(16384 latent px\) needs about 791 MB"):
+        plan(SDXL, 96, 4, budget=700)
+
+
 def test_the_base_pass_is_planned_at_its_own_size():
     # SD 1.5 at --tile 32: the tiled pass is cheap, the 64x64 base latent is what must fit
     p = plan(SD15, 32, 4, budget=2000)

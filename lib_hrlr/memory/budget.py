@@ -177,12 +177,17 @@ def plan_budget(
             if unet_mb(1) > room:
                 fits = largest_fitting_tile(model, room - canvas_mb, dtype_bytes, tile)
                 hint = f"--tile {fits} fits" if fits else "no tile fits"
+                fixes = "raise --budget-mb, lower --tile, or use a smaller --dtype"
+                base_alone = unet_call_bytes(model, tile, 1, dtype_bytes, base_pixels) / MB if base_pixels else 0.0
+                if base_alone > room:  # a smaller tile would only be refused next, for the base pass
+                    hint = (f"no tile helps: the native-size base pass ({base_pixels} latent px) alone needs about "
+                            f"{(base_alone + baseline_mb) * safety:.0f} MB")
+                    fixes = "raise --budget-mb or use a smaller --dtype"
                 raise BudgetError(
                     "budget_mb",
                     f"one {tile}x{tile} latent tile needs about {(whole + baseline_mb) * safety:.0f} MB with "
                     f"{dtype_bytes * 8}-bit weights ({(unet_mb(1) + baseline_mb) * safety:.0f} MB even with its "
-                    f"prompt and negative halves in separate UNet calls; {hint}); raise --budget-mb, lower --tile, "
-                    f"or use a smaller --dtype",
+                    f"prompt and negative halves in separate UNet calls; {hint}); {fixes}",
                 )
         elif unet_mb(batch) > room:
             raise BudgetError(

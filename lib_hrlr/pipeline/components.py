@@ -15,6 +15,7 @@ import torch
 from ..config.architectures import ModelConfig
 from ..errors import CheckpointError
 from ..memory.meter import MemoryMeter, attach_module_labels
+from ..runtime import trim_allocator
 from ..weights.checkpoint import Checkpoint, open_checkpoint
 from ..weights.streaming import WeightStreamer
 
@@ -113,16 +114,24 @@ def _streamer_events(meter: MemoryMeter | None, label: str):
 
 
 class DeviceModel:
-    """Calls ``model`` on ``device`` with CPU tensors in and out (the pipeline keeps latents on the CPU)."""
+    """Calls ``model`` on ``device`` with CPU tensors in and out (the pipeline keeps latents on the CPU).
 
-    def __init__(self, model: Callable, device: torch.device):
-        self.model, self.device = model, device
+    ``trim``: hand the heap's freed pages back to the kernel after every call
+    (:func:`~lib_hrlr.runtime.trim_allocator`), so that a streamed pass's many calls do not pile
+    up freed-but-resident heap memory on top of the next call's peak."""
+
+    def __init__(self, model: Callable, device: torch.device, trim: bool = False):
+        self.model, self.device, self.trim = model, device, trim
 
     def __call__(self, *args):
-        if self.device.type == "cpu":
-            return self.model(*args)
-        out = self.model(*(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args))
-        return out.to("cpu")
+        try:
+            if self.device.type == "cpu":
+                return self.model(*args)
+            out = self.model(*(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args))
+            return out.to("cpu")
+        finally:
+            if self.trim:
+                trim_allocator()
 
 
 # ------------------------------------------------------------------------------------ text
@@ -186,7 +195,7 @@ def unet_streamer(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, ca
         labels.enter_context(attach_module_labels(meter, unet_block_labels(unet)))
     try:
         with torch.inference_mode(), streamer, labels:
-            model = DeviceModel(unet, device)
+            model = DeviceModel(unet, device, trim=True)
             model.streamer = streamer
             yield model
             if meter is not None:

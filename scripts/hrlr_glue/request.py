@@ -31,7 +31,7 @@ from lib_hrlr.pipeline.params import GenerationParams, with_model_defaults
 from lib_hrlr.tiling.regions import WEIGHT_HELP, Region
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationParams)}
-# the engine's model-dependent defaults resolved for SD 1.x: what the tab's sliders start at
+# the engine's model-dependent defaults resolved per family: what tile 0 / overlap -1 stand for
 SD1 = with_model_defaults(GenerationParams(prompt=""), ARCHITECTURES["sd15"])
 SDXL = with_model_defaults(GenerationParams(prompt=""), ARCHITECTURES["sdxl"])
 # the sliders' "the model's own" positions (a slider cannot be empty): tile 0, overlap -1

@@ -80,7 +80,7 @@ ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD = 1 << 20  # tune_allocator's: blocks above it are mmapped, and unmapped when freed
-# reused_heap's: every tile tensor of the tiled VAEs (at most ~25 MB, by their tile sizes) and
+# reused_heap's: every tile tensor of the exact tiled VAE (at most ~25 MB, by its tile sizes) and
 # glibc's own ceiling for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 REUSE_MMAP_THRESHOLD = 32 << 20
 

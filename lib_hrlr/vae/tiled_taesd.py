@@ -47,7 +47,6 @@ from torch import nn
 from ..errors import Interrupted, InvalidInput
 from ..image.spill import SpillArray
 from ..models.taesd import Block, SoftClamp, TAESDDecoder, TAESDEncoder, Upsample2x
-from ..runtime import reused_heap
 
 SD_SCALING_FACTOR = 0.18215
 LATENT_FACTOR = 8
@@ -267,7 +266,7 @@ def decode_tiled(
     layers, jobs = _tiles(decoder, h, w, spans_y, spans_x)
     out = SpillArray(H, W, 3, torch.uint8 if output == "uint8" else torch.float32, directory=spill_dir)
     try:
-        with torch.inference_mode(), reused_heap():  # every tile allocates the same tensors
+        with torch.inference_mode():
             for done, (py, px) in enumerate(jobs):
                 if should_stop is not None and should_stop():
                     raise Interrupted("TAESD decode stopped by request")
@@ -404,7 +403,7 @@ def encode_tiled(
     read, in_h, in_w = read_image, H, W
     arrays: list[SpillArray] = []
     try:
-        with torch.inference_mode(), reused_heap():  # every tile allocates the same tensors
+        with torch.inference_mode():
             for i, seg in enumerate(segments):
                 layers = [layer_ops(m) for m in seg]
                 out_h, out_w = _out_size(layers, in_h), _out_size(layers, in_w)

@@ -35,10 +35,6 @@ tile's queries stream that canvas in chunks with an online softmax (running max 
 sum), so memory is bounded by the tile and chunk sizes.  ``attention="tile"`` instead
 attends within each tile only: faster, approximate (no global context), no K/V canvas.
 
-A segment's tiles allocate the same few tensors again and again.  They come from glibc's
-heap, reused tile after tile (:func:`~lib_hrlr.runtime.reused_heap`), not from fresh
-mappings that fault in and zero every page, and the heap is handed back after each segment.
-
 Tile size
 ---------
 ``tile`` is the side, in latent pixels, of the work unit of the widest layers
@@ -72,7 +68,6 @@ import torch.nn.functional as F
 from ..config.architectures import VAEConfig
 from ..errors import Interrupted, InvalidInput
 from ..image.spill import SpillArray
-from ..runtime import reused_heap, trim_allocator
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ATTENTION_MODES = ("global", "tile")
@@ -761,38 +756,35 @@ def _execute(run: _Run, sources: dict, sink: SpillArray, stats_out: TiledRunStat
         return sum(a.nbytes for a in opened if a._fd >= 0) + sink.nbytes
 
     try:
-        with reused_heap():  # a segment's tiles allocate the same tensors again and again
-            for i, (s, seg) in enumerate(zip(plan.steps, segs)):
-                if s.dst == plan.sink:
-                    pass
-                elif s.dst in plan.alias:
-                    arrays[s.dst] = arrays[plan.alias[s.dst]]
+        for i, (s, seg) in enumerate(zip(plan.steps, segs)):
+            if s.dst == plan.sink:
+                pass
+            elif s.dst in plan.alias:
+                arrays[s.dst] = arrays[plan.alias[s.dst]]
+            else:
+                h, w, c = plan.shapes[s.dst]
+                arr = SpillArray(h, w, c, run.dtype, run.spill_dir)
+                opened.append(arr)
+                arrays[s.dst] = arr
+            peak = max(peak, live_bytes())
+            st_out = _Stats(plan.shapes[s.dst][2]) if s.dst in plan.needs_stats else None
+            with torch.no_grad():
+                if s.kind == "kv":
+                    _kv_step(run, s, arrays[s.src], arrays[s.dst], stats[s.src], seg)
+                elif s.kind == "attn":
+                    _attn_step(run, s, arrays[s.src], arrays.get(s.kv) if s.kv else None, arrays[s.dst],
+                               stats[s.src], st_out, seg)
                 else:
-                    h, w, c = plan.shapes[s.dst]
-                    arr = SpillArray(h, w, c, run.dtype, run.spill_dir)
-                    opened.append(arr)
-                    arrays[s.dst] = arr
-                peak = max(peak, live_bytes())
-                st_out = _Stats(plan.shapes[s.dst][2]) if s.dst in plan.needs_stats else None
-                with torch.no_grad():
-                    if s.kind == "kv":
-                        _kv_step(run, s, arrays[s.src], arrays[s.dst], stats[s.src], seg)
-                    elif s.kind == "attn":
-                        _attn_step(run, s, arrays[s.src], arrays.get(s.kv) if s.kv else None, arrays[s.dst],
-                                   stats[s.src], st_out, seg)
-                    else:
-                        _conv_step(run, s, arrays[s.src], arrays[s.dst], arrays.get(s.res) if s.res else None,
-                                   stats.get(s.src), st_out, seg)
-                if st_out is not None:
-                    stats[s.dst] = st_out
-                for name, last in plan.last_use.items():  # close what no later step reads
-                    if last == i and name in arrays and name not in sources:
-                        arr = arrays.pop(name)
-                        stats.pop(name, None)
-                        shared = any(a is arr for a in arrays.values())
-                        if isinstance(arr, SpillArray) and arr is not sink and not shared:
-                            arr.close()
-                trim_allocator()  # the next segment's tiles have other shapes
+                    _conv_step(run, s, arrays[s.src], arrays[s.dst], arrays.get(s.res) if s.res else None,
+                               stats.get(s.src), st_out, seg)
+            if st_out is not None:
+                stats[s.dst] = st_out
+            for name, last in plan.last_use.items():  # close what no later step reads
+                if last == i and name in arrays and name not in sources:
+                    arr = arrays.pop(name)
+                    stats.pop(name, None)
+                    if isinstance(arr, SpillArray) and arr is not sink and all(a is not arr for a in arrays.values()):
+                        arr.close()
     finally:
         for arr in opened:
             arr.close()

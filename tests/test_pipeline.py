@@ -137,7 +137,8 @@ def test_interrupt_leaves_no_file(tiny, tmp_path):
 
     out = tmp_path / "o.png"
     with pytest.raises(Interrupted):
-        generate(GenerationParams(prompt="x", width=256, height=256, model=tiny, steps=3, out=str(out)),
+        generate(GenerationParams(prompt="x", width=256, height=256, model=tiny, steps=3, budget_mb=8000,
+                                  out=str(out)),  # budget: this pytest process's RSS is the baseline
                  should_stop=stop)
     assert list(tmp_path.iterdir()) == []
 

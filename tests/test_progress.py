@@ -113,8 +113,10 @@ def test_tiny_model_eta_when_the_tiled_pass_ends(tmp_path):
     def sink(ev):
         seen.append((time.perf_counter(), ev))
 
+    # budget_mb: the planner counts this pytest process's RSS (whatever earlier tests left resident) as the
+    # run's baseline; this test is about the ETA, not the budget
     params = GenerationParams(prompt="a lighthouse", width=512, height=512, model=ckpt, steps=4, seed=1,
-                              out=str(tmp_path / "o.png"))
+                              budget_mb=8000, out=str(tmp_path / "o.png"))
     generate(params, progress=sink)
     t_end = time.perf_counter()
     t_dec, ev = next((t, e) for t, e in seen if e.stage == "decode")

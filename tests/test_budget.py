@@ -1,6 +1,7 @@
 """The budget planner adapts tile batch and cache, refuses what cannot fit, and its estimate of a
 streamed SD 1.5 UNet call stays above what the kernel measures."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,6 +35,30 @@ def test_every_stage_fits_the_budget_at_800():
     p = plan(800, taesd=True)
     assert all(s.mb <= 800 for s in p.stages), p.table()
     assert p.vae_tile == 32
+
+
+def test_the_full_vae_reuses_the_heap_only_where_its_holes_fit():
+    from lib_hrlr.memory.budget import SAFETY, vae_stage_bytes
+    from lib_hrlr.vae.tiled_vae import HEAP_REUSE_FACTOR
+
+    p = plan(800)
+    assert p.vae_reuse_heap and p.vae_tile == 64
+    assert "heap reused" in p.table()
+    assert not plan(800, taesd=True).vae_reuse_heap  # TAESD keeps fresh mappings (its tensors vary too much)
+    # a VAE-bound budget: 64 latent px tiles fit, with HEAP_REUSE_FACTOR x their step estimate not
+    need = max(vae_stage_bytes(SD15, 64, 4, False, k) for k in ("encode", "decode")) / MB
+    with_holes = max(vae_stage_bytes(SD15, 64, 4, False, k, reuse_heap=True) for k in ("encode", "decode")) / MB
+    assert with_holes > need * 1.1 and HEAP_REUSE_FACTOR > 1
+    small_unet = dataclasses.replace(TINY, vae=SD15.vae)  # so that the VAE is what the budget binds
+    tight = plan_budget(small_unet, budget_mb=(230 + need + 1) * SAFETY, baseline_mb=230, tile=16, n_tiles=25,
+                        dtype_bytes=4, taesd=False)
+    stages = {s.name: s.mb for s in tight.stages}
+    assert tight.vae_tile == 64 and not tight.vae_reuse_heap
+    assert stages["vae_decode"] <= tight.budget_mb / SAFETY
+    roomy = plan_budget(small_unet, budget_mb=(230 + with_holes + 1) * SAFETY, baseline_mb=230, tile=16, n_tiles=25,
+                        dtype_bytes=4, taesd=False)
+    assert roomy.vae_tile == 64 and roomy.vae_reuse_heap
+    assert p.stages[-1].mb - plan(800).baseline_mb > need  # the default plan counts the holes
 
 
 def test_refusals_name_the_setting_to_change():

@@ -162,7 +162,8 @@ class LdmBackend:
         (SDXL's fp16 VAE computes in float32, :func:`.sdxl.vae_dtype`: the tiled VAE converts
         each step's weights) and device; TAESD (TAESDXL for SDXL) in the run's VAE dtype/device."""
         s = self.settings
-        kw = dict(spill_dir=s.spill_dir, attention=s.vae_attention, progress=progress, should_stop=should_stop,
+        kw = dict(spill_dir=s.spill_dir, attention=s.vae_attention, reuse_heap=s.vae_reuse_heap, progress=progress,
+                  should_stop=should_stop,
                   scaling_factor=self.config.vae.scaling_factor, taesd_kind=sdxl.taesd_kind(self.config))
         if s.vae_mode == "taesd":
             return dict(kw, dtype=s.vae_dtype, device=s.vae_device)

@@ -69,6 +69,8 @@ class BudgetPlan:
     # most samples (batch rows) per UNet call; None: a call holds all of its tiles' samples.
     # 1: guidance split, each tile's prompt and negative halves in separate calls
     samples_per_call: int | None = None
+    # the exact tiled VAE's tile tensors from glibc's heap (faster; its estimate x HEAP_REUSE_FACTOR)
+    vae_reuse_heap: bool = False
 
     @property
     def peak_mb(self) -> float:
@@ -106,19 +108,22 @@ def text_stage_bytes(model: ModelConfig, dtype_bytes: int) -> int:
     return int((2 * emb + layer + acts) * dtype_bytes)
 
 
-def vae_stage_bytes(model: ModelConfig, tile: int, dtype_bytes: int, taesd: bool, kind: str) -> int:
-    """Weights of one VAE half plus the working set of one tile step."""
+def vae_stage_bytes(model: ModelConfig, tile: int, dtype_bytes: int, taesd: bool, kind: str,
+                    reuse_heap: bool = False) -> int:
+    """Weights of one VAE half plus the working set of one tile step (``reuse_heap``: with the
+    heap's holes, the exact tiled VAE only)."""
     if taesd:
         # measured at 2048² (fp32, tests/test_taesd.py): decode 32 latent px tiles +78 MB; encode,
         # one resolution at a time in 256 px tiles, +93 MB
         return int((90 if kind == "decode" else 105) * MB * dtype_bytes / 4)
-    from ..vae.tiled_vae import estimate_tile_bytes
+    from ..vae.tiled_vae import HEAP_REUSE_FACTOR, estimate_tile_bytes
     import torch
 
     dtype = {2: torch.float16, 4: torch.float32}.get(dtype_bytes, torch.float32)
     v = model.vae
     weights = (49_500_000 if kind == "decode" else 34_200_000) * (v.ch / 128) ** 2 * dtype_bytes
-    return int(weights + estimate_tile_bytes(v, tile if kind == "decode" else tile * v.downscale, dtype, kind=kind))
+    step = estimate_tile_bytes(v, tile if kind == "decode" else tile * v.downscale, dtype, kind=kind)
+    return int(weights + step * (HEAP_REUSE_FACTOR if reuse_heap else 1))
 
 
 def plan_budget(
@@ -224,21 +229,27 @@ def plan_budget(
             f"a {vt} latent px VAE tile needs about {(need + baseline_mb) * safety:.0f} MB; "
             f"lower --vae-tile, use --vae taesd, or raise --budget-mb",
         )
+    # then reuse the heap in its steps if that fits too
+    reuse = not taesd and all(vae_stage_bytes(model, chosen, dtype_bytes, taesd, k, reuse_heap=True) / MB <= room
+                              for k in ("encode", "decode"))
     text_mb = text_stage_bytes(model, dtype_bytes) / MB
     if text_mb > room:
         raise BudgetError("budget_mb", f"the text encoder needs about {(text_mb + baseline_mb) * safety:.0f} MB; "
                                        f"raise --budget-mb or use a smaller --dtype")
+    heap = ", heap reused" if reuse else ""
     stages = (
         StageEstimate("text_encoder", baseline_mb + text_mb, "streamed per layer"),
         StageEstimate("base_unet", baseline_mb + base_mb() + cache_mb,
                       f"1 tile{', guidance split' if split else ''}, cache {cache_mb:.0f} MB"),
-        StageEstimate("guide_encode", baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "encode") / MB,
-                      "TAESD" if taesd else f"{chosen * model.vae.downscale} px work units"),
+        StageEstimate("guide_encode",
+                      baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "encode", reuse) / MB,
+                      "TAESD" if taesd else f"{chosen * model.vae.downscale} px work units{heap}"),
         StageEstimate("tiled_unet", baseline_mb + unet_mb(batch) + cache_mb,
                       (f"1 sample/call (guidance split), cache {cache_mb:.0f} MB" if split
                        else f"{batch} tiles/call, cache {cache_mb:.0f} MB")),
-        StageEstimate("vae_decode", baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "decode") / MB,
-                      f"{chosen} latent px work units"),
+        StageEstimate("vae_decode",
+                      baseline_mb + vae_stage_bytes(model, chosen, dtype_bytes, taesd, "decode", reuse) / MB,
+                      f"{chosen} latent px work units{heap}"),
     )
     return BudgetPlan(
         budget_mb=budget_mb,
@@ -248,6 +259,7 @@ def plan_budget(
         vae_tile=chosen,
         stages=stages,
         samples_per_call=1 if split else None,
+        vae_reuse_heap=reuse,
     )
 
 

@@ -49,6 +49,7 @@ class RunSettings:
     taesd_dir: str | None = None
     spill_dir: str | None = None
     vae_attention: str = "global"
+    vae_reuse_heap: bool = False  # the exact tiled VAE's tiles from glibc's heap (BudgetPlan.vae_reuse_heap)
     loras: tuple = ()  # LoraSpec, applied by backends with applies_networks
     embeddings: tuple[str, ...] = ()  # textual-inversion files or folders
     weight_cache: str | None = None  # folder of the UNet weights prepared in the compute dtype; None: off
@@ -148,7 +149,7 @@ class CheckpointBackend:
     def _vae_kw(self, should_stop) -> dict:
         s = self.settings
         return dict(dtype=s.vae_dtype, device=s.vae_device, spill_dir=s.spill_dir, attention=s.vae_attention,
-                    should_stop=should_stop)
+                    reuse_heap=s.vae_reuse_heap, should_stop=should_stop)
 
     def decode(self, latent, *, tile, output, progress=None, should_stop=None):
         s = self.settings

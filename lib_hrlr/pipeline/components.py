@@ -276,12 +276,13 @@ def _taesd_file(explicit: str | None, kind: str, index: int) -> Path:
 def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: torch.Tensor, *,
                   dtype: torch.dtype, device: torch.device, tile: int, output: str, spill_dir: str | None,
                   attention: str = "global", progress=None, should_stop=None, scaling_factor: float | None = None,
-                  vae=None, taesd_kind: str = "taesd"):
+                  vae=None, taesd_kind: str = "taesd", reuse_heap: bool = False):
     """Decode a *scaled* latent (what the UNet works on) to a SpillArray image (H, W, 3).
 
     ``vae``: an already-loaded autoencoder to use instead of the checkpoint's (``ckpt`` may then
     be None, as with TAESD, given the model's ``scaling_factor``).  ``taesd_kind``: the TAESD
-    family of the model ("taesd" for SD 1.x, "taesdxl" for SDXL, :func:`.sdxl.taesd_kind`)."""
+    family of the model ("taesd" for SD 1.x, "taesdxl" for SDXL, :func:`.sdxl.taesd_kind`).
+    ``reuse_heap``: for the exact tiled VAE (:func:`~lib_hrlr.vae.tiled_vae.decode_tiled`)."""
     scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
     z = latent / scale
     if vae_mode == "taesd":
@@ -296,16 +297,16 @@ def decode_latent(ckpt: Checkpoint, vae_mode: str, taesd: str | None, latent: to
 
     with _vae_or_half(vae, ckpt, "decoder", dtype, device) as v:
         return decode_tiled(v, z.to(device), tile=tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
-                            output=output, progress=progress, should_stop=should_stop)
+                            output=output, progress=progress, should_stop=should_stop, reuse_heap=reuse_heap)
 
 
 def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, dtype: torch.dtype,
                  device: torch.device, px_tile: int, spill_dir: str | None, attention: str = "global",
                  progress=None, should_stop=None, scaling_factor: float | None = None, vae=None,
-                 taesd_kind: str = "taesd") -> torch.Tensor:
+                 taesd_kind: str = "taesd", reuse_heap: bool = False) -> torch.Tensor:
     """Encode an image source (``read(y0, y1, x0, x1)`` in [-1, 1]) to a *scaled* latent, float32 CPU.
 
-    ``vae``, ``scaling_factor`` and ``taesd_kind`` as for :func:`decode_latent`."""
+    ``vae``, ``scaling_factor``, ``taesd_kind`` and ``reuse_heap`` as for :func:`decode_latent`."""
     scale = scaling_factor if scaling_factor is not None else ckpt.config.vae.scaling_factor
     if vae_mode == "taesd":
         from ..models.taesd import load_taesd_encoder
@@ -320,7 +321,7 @@ def encode_image(ckpt: Checkpoint, vae_mode: str, taesd: str | None, source, *, 
 
         with _vae_or_half(vae, ckpt, "encoder", dtype, device) as v:
             z = encode_tiled(v, source, tile=px_tile, dtype=dtype, spill_dir=spill_dir, attention=attention,
-                             progress=progress, should_stop=should_stop)
+                             progress=progress, should_stop=should_stop, reuse_heap=reuse_heap)
     return (z.float() * scale).cpu()
 
 

@@ -230,6 +230,7 @@ def generate(
         backend.prepare(RunSettings(dtype=dtype, device=device, vae_dtype=vae_dtype, vae_device=vae_device,
                                     cache_bytes=cache_bytes, vae_mode=params.vae, taesd_dir=params.taesd_dir,
                                     spill_dir=params.spill_dir, vae_attention=params.vae_attention,
+                                    vae_reuse_heap=plan.vae_reuse_heap,
                                     loras=params.loras, embeddings=params.embeddings,
                                     weight_cache=cache_folder(params.weight_cache)), meter)
         prepared = getattr(backend, "prepared", None)
@@ -390,6 +391,7 @@ def write_report(path: str, result: GenerationResult) -> None:
         "stats": result.stats,
         "plan": {"tile_batch": result.plan.tile_batch, "unet_cache_mb": result.plan.unet_cache_mb,
                  "vae_tile": result.plan.vae_tile, "samples_per_call": result.plan.samples_per_call,
+                 "vae_reuse_heap": result.plan.vae_reuse_heap,
                  "stages": [asdict(s) for s in result.plan.stages]},
         "memory": result.report,
     }

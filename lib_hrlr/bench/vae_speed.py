@@ -35,16 +35,22 @@ from . import write_json
 BUDGET_MB = 800.0  # the default --budget-mb the VAE tile is chosen for
 
 
-def budget_vae_tile(cfg, dtype: torch.dtype, budget_mb: float = BUDGET_MB, baseline_mb: float = 0.0) -> int:
-    """The VAE tile ``generate`` picks at ``budget_mb`` (the largest candidate that fits)."""
+def budget_vae_tile(cfg, dtype: torch.dtype, budget_mb: float = BUDGET_MB, baseline_mb: float = 0.0,
+                    tile: int | None = None) -> tuple[int, bool]:
+    """The VAE tile ``generate`` picks at ``budget_mb`` (the largest candidate that fits, or
+    ``tile``), and whether its tiles reuse the heap there (``BudgetPlan.vae_reuse_heap``)."""
     from ..memory.budget import SAFETY, vae_stage_bytes
 
     room = budget_mb / SAFETY - baseline_mb
     nbytes = torch.finfo(dtype).bits // 8
-    for vt in (64, 48, 32, 16):
-        if max(vae_stage_bytes(cfg, vt, nbytes, False, k) for k in ("encode", "decode")) / 2**20 <= room:
-            return vt
-    return 16
+
+    def fits(vt: int, reuse: bool) -> bool:
+        return max(vae_stage_bytes(cfg, vt, nbytes, False, k, reuse) for k in ("encode", "decode")) / 2**20 <= room
+
+    for vt in (tile,) if tile else (64, 48, 32, 16):
+        if fits(vt, False):
+            return vt, fits(vt, True)
+    return tile or 16, False
 
 
 def diffusers_decoder_twin(vae, cfg, dtype: torch.dtype):
@@ -103,7 +109,7 @@ def run_vae_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
     ckpt = open_checkpoint(str(cached_random_checkpoint(a.arch)))
     cfg = ckpt.config
     side = a.latent or 128
-    tile = a.vae_tile or budget_vae_tile(cfg, dtype, a.budget_mb, rss_mb())
+    tile, reuse = budget_vae_tile(cfg, dtype, a.budget_mb, rss_mb(), a.vae_tile)
     z = torch.randn(1, cfg.vae.embed_dim, side, side, generator=torch.Generator().manual_seed(0))
     load_start = [round(x, 2) for x in os.getloadavg()]
     stats = TiledRunStats()
@@ -113,7 +119,8 @@ def run_vae_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
         twin.enable_tiling()
 
         def ours():
-            with decode_tiled(vae, z, tile=tile, dtype=dtype, spill_dir=a.spill_dir, output="uint8", stats=stats) as arr:
+            with decode_tiled(vae, z, tile=tile, dtype=dtype, spill_dir=a.spill_dir, output="uint8", stats=stats,
+                              reuse_heap=reuse) as arr:
                 out_bytes["ours"] = arr.nbytes
 
         def theirs():
@@ -121,7 +128,7 @@ def run_vae_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
 
         fns = {"ours": ours, "diffusers": theirs}
         log(f"{side}x{side} latent ({side * 8}² image), {a.vae_dtype}, {torch.get_num_threads()} threads, "
-            f"our tile {tile} latent px, {a.repeats} rounds")
+            f"our tile {tile} latent px{', heap reused' if reuse else ''}, {a.repeats} rounds")
         times: dict[str, list[tuple[float, float]]] = {n: [] for n in fns}
         with torch.inference_mode():
             for r in range(a.repeats):
@@ -135,7 +142,8 @@ def run_vae_bench(a, log=lambda s: print(s, file=sys.stderr)) -> dict:
     cpu_ratios = [o[1] / d[1] for o, d in zip(times["ours"], times["diffusers"])]
     est = estimate_spill_bytes(cfg.vae, side, side, dtype)
     out = {
-        "arch": a.arch, "dtype": a.vae_dtype, "latent": side, "tile": tile, "threads": torch.get_num_threads(),
+        "arch": a.arch, "dtype": a.vae_dtype, "latent": side, "tile": tile, "reuse_heap": reuse,
+        "threads": torch.get_num_threads(),
         "ours_s": [round(t[0], 3) for t in times["ours"]], "diffusers_s": [round(t[0], 3) for t in times["diffusers"]],
         "ratio_ours_to_diffusers": [round(x, 4) for x in ratios],
         "median_ratio": round(statistics.median(ratios), 4),

@@ -163,6 +163,7 @@ def run_peer_bench(a) -> int:
         raise InvalidInput("peer", f"'{a.peer}' is not a known peer; allowed: diffusers")
     if a.vae != "full":
         raise InvalidInput("vae", "--peer diffusers compares the full VAE with diffusers' tiled decode; use --vae full")
+    tokenizer_dir()  # the peer's prerequisite, checked before our side's long run
     cfg = ARCHITECTURES[a.arch]
     xl = cfg.text2 is not None
     dtype = DTYPE_NAMES[resolve_dtype(a.dtype, resolve_device("cpu"))]

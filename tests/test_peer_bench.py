@@ -89,3 +89,20 @@ def test_cgroup_limit_is_enforced_and_counts_the_page_cache(tmp_path):
     assert small.cgroup["peak_mb"] > hwm_kb / 1024 + 30, (small, hwm_kb)
     # the peak RSS the bench reports is the child's own (not this torch-sized process's)
     assert abs(small.peak_rss_mb - hwm_kb / 1024) < 2, (small, hwm_kb)
+
+
+def test_a_missing_tokenizer_is_refused_before_our_side_runs(tmp_path):
+    """The peer's CLIP tokenizer is checked first: no 20-minute run of ours before the error.
+    A copy of the package where no ``../shared`` folder exists, and no HRLR_CLIP_TOKENIZER."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "lib_hrlr", repo / "lib_hrlr", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "HRLR_CLIP_TOKENIZER"}
+    env["HRLR_CACHE"] = str(tmp_path / "cache")  # nothing may be built either
+    cmd = [sys.executable, "-m", "lib_hrlr", "bench", "--arch", "tiny", "--peer", "diffusers", "--width", "160",
+           "--height", "160", "--steps", "1", "--vae", "full"]
+    run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "HRLR_CLIP_TOKENIZER" in run.stderr and "ours:" not in run.stderr
+    assert not (tmp_path / "cache").exists()

@@ -501,39 +501,13 @@ def _read(src, y0: int, y1: int, x0: int, x1: int, dtype: torch.dtype, device) -
     return t.unsqueeze(0).to(device=device, dtype=dtype, memory_format=torch.channels_last, copy=True)
 
 
-def _normalise(x: torch.Tensor, affine, silu: bool, dtype: torch.dtype, pad: tuple[int, int, int, int] = (0, 0, 0, 0),
-               reuse: bool = False) -> torch.Tensor:
-    """x * scale + bias (then SiLU) in float32, one pass from any input dtype; returned in
-    ``dtype``, zero-padded by ``pad`` (left, right, top, bottom) as ``F.pad`` would.
-
-    For a float32 result it writes straight into the padded tensor, or into ``x`` itself when
-    ``reuse`` (the caller owns ``x`` and reads it no more) and nothing is padded: a tile then
-    allocates one tensor fewer, or two, each of them a fresh mapping the kernel faults in and
-    zeroes page by page (see :func:`~lib_hrlr.runtime.tune_allocator`)."""
+def _normalise(x: torch.Tensor, affine, silu: bool, dtype: torch.dtype) -> torch.Tensor:
+    """x * scale + bias (then SiLU) in float32, one pass from any input dtype; returned in ``dtype``."""
     scale, bias = affine
-    if dtype != torch.float32:
-        y = torch.addcmul(bias, x, scale)  # float32 (type promotion), x's channels-last layout
-        if silu:
-            F.silu(y, inplace=True)
-        y = y.to(dtype)
-        return F.pad(y, pad) if any(pad) else y
-    n, c, h, w = x.shape
-    px0, px1, py0, py1 = pad
-    if any(pad):
-        out = torch.empty((n, c, h + py0 + py1, w + px0 + px1), dtype=dtype, device=x.device,
-                          memory_format=torch.channels_last)
-        for border in (out[:, :, :py0], out[:, :, py0 + h:], out[:, :, py0:py0 + h, :px0],
-                       out[:, :, py0:py0 + h, px0 + w:]):
-            border.zero_()
-        y = out[:, :, py0:py0 + h, px0:px0 + w]
-    elif reuse and x.dtype == dtype:
-        out = y = x
-    else:
-        out = y = torch.empty_like(x, dtype=dtype)  # keeps x's channels-last layout
-    torch.addcmul(bias, x, scale, out=y)
+    y = torch.addcmul(bias, x, scale)  # float32 (type promotion), x's channels-last layout
     if silu:
         F.silu(y, inplace=True)
-    return out
+    return y.to(dtype)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -678,9 +652,9 @@ def _conv_step(run: _Run, s: Step, src, dst: SpillArray, res, stats_in: _Stats |
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")[:, :, cy:cy + hh, cx:cx + ww]
             if pre is not None:
                 x = _pointwise(x, pre)
-            if affine is not None:  # also pads
-                x = _normalise(x, affine, s.silu, run.work, (px0, px1, py0, py1), reuse=True)
-            elif py0 or py1 or px0 or px1:
+            if affine is not None:
+                x = _normalise(x, affine, s.silu, run.work)
+            if py0 or py1 or px0 or px1:
                 x = F.pad(x, (px0, px1, py0, py1))
             y = F.conv2d(x, w, b, stride=stride)
             del x
@@ -710,7 +684,7 @@ def _kv_step(run: _Run, s: Step, src: SpillArray, dst: SpillArray, stats_in: _St
         for tx in range(len(seg.xs) - 1):
             run.check()
             y0, y1, x0, x1 = seg.ys[ty], seg.ys[ty + 1], seg.xs[tx], seg.xs[tx + 1]
-            x = _normalise(_read(src, y0, y1, x0, x1, run.dtype, run.device), affine, False, run.work, reuse=True)
+            x = _normalise(_read(src, y0, y1, x0, x1, run.dtype, run.device), affine, False, run.work)
             kv = F.linear(_tokens(x), w, b)
             del x
             dst.write(y0, x0, _untokens(kv, y1 - y0, x1 - x0)[0])

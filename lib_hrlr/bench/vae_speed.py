@@ -39,18 +39,11 @@ def budget_vae_tile(cfg, dtype: torch.dtype, budget_mb: float = BUDGET_MB, basel
                     tile: int | None = None) -> tuple[int, bool]:
     """The VAE tile ``generate`` picks at ``budget_mb`` (the largest candidate that fits, or
     ``tile``), and whether its tiles reuse the heap there (``BudgetPlan.vae_reuse_heap``)."""
-    from ..memory.budget import SAFETY, vae_stage_bytes
+    from ..memory.budget import SAFETY, choose_vae_tile
 
-    room = budget_mb / SAFETY - baseline_mb
-    nbytes = torch.finfo(dtype).bits // 8
-
-    def fits(vt: int, reuse: bool) -> bool:
-        return max(vae_stage_bytes(cfg, vt, nbytes, False, k, reuse) for k in ("encode", "decode")) / 2**20 <= room
-
-    for vt in (tile,) if tile else (64, 48, 32, 16):
-        if fits(vt, False):
-            return vt, fits(vt, True)
-    return tile or 16, False
+    chosen, reuse = choose_vae_tile(cfg, budget_mb / SAFETY - baseline_mb, torch.finfo(dtype).bits // 8, False,
+                                    tile or None)
+    return (chosen, reuse) if chosen is not None else (tile or 16, False)
 
 
 def diffusers_decoder_twin(vae, cfg, dtype: torch.dtype):

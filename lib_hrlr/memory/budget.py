@@ -126,6 +126,22 @@ def vae_stage_bytes(model: ModelConfig, tile: int, dtype_bytes: int, taesd: bool
     return int(weights + step * (HEAP_REUSE_FACTOR if reuse_heap else 1))
 
 
+VAE_TILES = {False: (64, 48, 32, 16), True: (32, 16)}  # latent px candidates, by taesd
+
+
+def choose_vae_tile(model: ModelConfig, room_mb: float, dtype_bytes: int, taesd: bool,
+                    vae_tile: int | None = None) -> tuple[int | None, bool]:
+    """The largest VAE work unit (or ``vae_tile``) whose stages fit ``room_mb`` (None: none
+    fits), and whether the exact tiled VAE's steps then reuse the heap: only if that fits too."""
+    def fits(vt: int, reuse: bool) -> bool:
+        return max(vae_stage_bytes(model, vt, dtype_bytes, taesd, k, reuse) for k in ("encode", "decode")) / MB <= room_mb
+
+    for vt in (vae_tile,) if vae_tile is not None else VAE_TILES[taesd]:
+        if fits(vt, False):
+            return vt, not taesd and fits(vt, True)
+    return None, False
+
+
 def plan_budget(
     model: ModelConfig,
     *,
@@ -214,24 +230,15 @@ def plan_budget(
     if unet_total_mb is not None:
         cache_mb = min(cache_mb, unet_total_mb)
 
-    # VAE work unit: the largest that fits
-    candidates = [vae_tile] if vae_tile is not None else ([32, 16] if taesd else [64, 48, 32, 16])
-    chosen = None
-    for vt in candidates:
-        if max(vae_stage_bytes(model, vt, dtype_bytes, taesd, k) for k in ("encode", "decode")) / MB <= room:
-            chosen = vt
-            break
+    chosen, reuse = choose_vae_tile(model, room, dtype_bytes, taesd, vae_tile)
     if chosen is None:
-        vt = candidates[-1]
+        vt = vae_tile if vae_tile is not None else VAE_TILES[taesd][-1]
         need = max(vae_stage_bytes(model, vt, dtype_bytes, taesd, k) for k in ("encode", "decode")) / MB
         raise BudgetError(
             "vae_tile",
             f"a {vt} latent px VAE tile needs about {(need + baseline_mb) * safety:.0f} MB; "
             f"lower --vae-tile, use --vae taesd, or raise --budget-mb",
         )
-    # then reuse the heap in its steps if that fits too
-    reuse = not taesd and all(vae_stage_bytes(model, chosen, dtype_bytes, taesd, k, reuse_heap=True) / MB <= room
-                              for k in ("encode", "decode"))
     text_mb = text_stage_bytes(model, dtype_bytes) / MB
     if text_mb > room:
         raise BudgetError("budget_mb", f"the text encoder needs about {(text_mb + baseline_mb) * safety:.0f} MB; "

@@ -128,6 +128,9 @@ def _add_bench(sub) -> None:
                    help="run the 30 budget-sweep configurations, 2 steps each (--arch and --json apply): estimate, "
                         "measured peak and margin for each; exit 1 if any peak exceeds its budget")
     b.add_argument("--sweep-only", default=None, metavar="I,J,...", help="with --sweep: only these rows (0-based)")
+    b.add_argument("--sweep-bf16", action="store_true",
+                   help="with --sweep: run the bf16 rows even on a CPU without AVX512-BF16/AMX (skipped there "
+                        "otherwise: torch's fallback kernels take days)")
     # UNet-only side-by-side timing (lib_hrlr/bench/unet_speed.py)
     b.add_argument("--unet-only", action="store_true",
                    help="time one UNet evaluation in one process: diffusers, ours resident, chunked, streamed")

@@ -328,11 +328,14 @@ def sd_vae(**kw) -> AutoencoderKL:
 
 
 @pytest.mark.slow
-def test_sd_decode_1024_tiled_equals_untiled():
+def test_sd_decode_512_tiled_equals_untiled():
+    """The SD 1.5 decoder over 3x3 tiles (24, 24 and 16 latent px: corners, edges, an inner tile
+    and an unequal last tile) equals the untiled decode.  At 512² it costs a quarter of the 1024²
+    run this test used to make (222 s of CI)."""
     vae = sd_vae(encoder=False)
-    z = smooth_latent(128, 128, seed=7)
+    z = smooth_latent(64, 64, seed=7)
     t = time.time()
-    got = decode_float(vae, z, tile=64)
+    got = decode_float(vae, z, tile=24)
     tiled_s = time.time() - t
     t = time.time()
     with torch.no_grad():
@@ -340,7 +343,7 @@ def test_sd_decode_1024_tiled_equals_untiled():
     untiled_s = time.time() - t
     p = psnr(got, ref, peak=2.0)
     diff = (got - ref).abs().max().item()
-    print(f"SD decode 1024^2: PSNR {p:.1f} dB, max abs diff {diff:.2e} (range {ref.min():.2f}..{ref.max():.2f}); "
+    print(f"SD decode 512^2, 3x3 tiles: PSNR {p:.1f} dB, max abs diff {diff:.2e} (range {ref.min():.2f}..{ref.max():.2f}); "
           f"tiled {tiled_s:.1f} s, untiled {untiled_s:.1f} s")
     assert ref.std() > 0.05
     assert p >= 40

@@ -168,8 +168,8 @@ def format_row(r: dict) -> str:
 
 # why a bf16 row is not run on a CPU without AVX512-BF16 or AMX: torch's fallback kernels there
 # are two orders of magnitude slower than fp32 (a 320-channel 3x3 convolution on a 64x64 latent,
-# 2 samples, 2 threads, AMD EPYC with AVX2: fp32 0.25 s, bf16 52.6 s), so one 1024² row takes days
-SLOW_BF16 = "bf16 needs AVX512-BF16 or AMX (this CPU would take days); --sweep-bf16 runs it anyway"
+# 2 samples, 2 threads, AMD EPYC with AVX2: fp32 0.25 s, bf16 52.6 s): hours per row, days for all
+SLOW_BF16 = "bf16 needs AVX512-BF16 or AMX (hours per row on this CPU); --sweep-bf16 runs it anyway"
 
 
 def skipped_row(cfg: SweepConfig, reason: str) -> dict:

@@ -164,6 +164,8 @@ def run_bench(a) -> int:
         "tiles": st.get("tiles"), "tile_batch": st.get("tile_batch"), "unet_cache_mb": st.get("unet_cache_mb"),
         "peak_rss_mb": round(peak_mb, 1),
         "child_reported_peak_rss_mb": rep["memory"]["peak_rss_mb"],
+        # the child's highest sampled RSS split into RssAnon / RssFile / RssShmem, with its stage
+        "peak_sample": rep["memory"].get("peak_sample"),
         "wall_s": round(wall, 2),
         "unet_evals": evals,
         "unet_eval_s": round(eval_s, 4) if eval_s else None,  # None: no UNet ran (upscale at strength 0)

@@ -2,7 +2,10 @@
 
 The meter samples the process's resident set (VmRSS) and its kernel-kept peak (VmHWM)
 from ``/proc/self/status`` on a background thread every 5 ms (about 1 % of one core), and on
-CUDA ``torch.cuda.max_memory_allocated``.  Code marks what it is doing with nested
+CUDA ``torch.cuda.max_memory_allocated``.  The highest sample also keeps what the kernel says
+the resident set was made of then (``RssAnon``: heap and anonymous mappings; ``RssFile``:
+mapped files such as the checkpoint and the shared libraries; ``RssShmem``) and the labels that
+were open: the report's ``peak_sample``.  Code marks what it is doing with nested
 labels (``with meter.stage("tiled_unet"):`` / ``with meter.module("unet.output_blocks"):``);
 every sample is credited to all open labels, and when VmHWM rises the new peak is
 credited to the labels open at that moment, so the process peak is always attributed
@@ -43,8 +46,11 @@ def read_status_kb(keys: tuple[str, ...] = ("VmRSS", "VmHWM"), pid: int | str = 
     return out
 
 
+STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+
 class _StatusReader:
-    """VmRSS and VmHWM of this process in kB, read through one open descriptor.
+    """VmRSS, VmHWM and the parts of VmRSS of this process in kB, read through one open descriptor.
 
     The sampler reads them hundreds of times a second: one ``pread`` and two ``find`` calls
     cost ~15 µs, against ~70 µs for opening and parsing the file line by line."""
@@ -63,10 +69,11 @@ class _StatusReader:
         except OSError:
             return {}
         out = {}
-        for key in (b"VmRSS:", b"VmHWM:"):
+        for name in STATUS_KEYS:
+            key = name.encode() + b":"
             i = text.find(key)
             if i >= 0:
-                out[key[:-1].decode()] = int(text[i + len(key):text.index(b"kB", i)])
+                out[name] = int(text[i + len(key):text.index(b"kB", i)])
         return out
 
     def close(self) -> None:
@@ -108,6 +115,26 @@ class Entry:
 
 
 @dataclass
+class PeakSample:
+    """The highest resident set the sampler saw, what it was made of, and the open labels.
+
+    A peak shorter than the sampling interval is in ``MemoryReport.peak_rss_mb`` (VmHWM) but
+    not here: ``rss_mb`` is then a little below it."""
+
+    rss_mb: float = 0.0
+    anon_mb: float | None = None  # RssAnon: heap, anonymous mmaps (tensors)
+    file_mb: float | None = None  # RssFile: mapped files (checkpoint pages, libraries)
+    shmem_mb: float | None = None  # RssShmem
+    seconds: float = 0.0  # since the meter started
+    labels: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        r = (lambda v: None if v is None else round(v, 1))
+        return {"rss_mb": round(self.rss_mb, 1), "anon_mb": r(self.anon_mb), "file_mb": r(self.file_mb),
+                "shmem_mb": r(self.shmem_mb), "seconds": round(self.seconds, 3), "labels": list(self.labels)}
+
+
+@dataclass
 class MemoryReport:
     peak_rss_mb: float
     baseline_rss_mb: float
@@ -117,6 +144,7 @@ class MemoryReport:
     run_peak_rss_mb: float = 0.0  # highest RSS seen while the meter ran (VmHWM rises included)
     spill_mb: float | None = None  # the run's spill files at their peak (on disk, not in the RSS)
     spill_dir: str | None = None
+    peak_sample: PeakSample | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -126,6 +154,7 @@ class MemoryReport:
             "baseline_rss_mb": round(self.baseline_rss_mb, 1),
             "peak_vram_mb": None if self.peak_vram_mb is None else round(self.peak_vram_mb, 1),
             "run_peak_rss_mb": round(self.run_peak_rss_mb, 1),
+            "peak_sample": None if self.peak_sample is None else self.peak_sample.as_dict(),
             "wall_s": round(self.wall_s, 3),
             "modules": [
                 {
@@ -159,6 +188,11 @@ class MemoryReport:
         if vram:
             tail += f"{'':>7}{self.peak_vram_mb:>14.1f}"
         lines.append(tail)
+        ps = self.peak_sample
+        if ps is not None and ps.anon_mb is not None:
+            where = " > ".join(ps.labels) or "no label"
+            lines.append(f"{'highest sample: anon + file':<34}{ps.rss_mb:>12.1f}  = {ps.anon_mb:.1f} + "
+                         f"{ps.file_mb or 0:.1f} (+ shmem {ps.shmem_mb or 0:.1f}) MB at {ps.seconds:.1f} s in {where}")
         if self.spill_mb is not None:
             lines.append(f"{'spill files on disk (not RSS)':<34}{self.spill_mb:>12.1f}  in {self.spill_dir}")
         return "\n".join(lines)
@@ -182,15 +216,17 @@ class MemoryMeter:
         self._baseline = 0.0
         self._wall = 0.0
         self._run_peak = 0.0
+        self._peak_sample: PeakSample | None = None
         self._status: _StatusReader | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "MemoryMeter":
-        st = read_status_kb()
+        st = read_status_kb(STATUS_KEYS)
         self._baseline = st.get("VmRSS", 0) / 1024
         self._last_hwm_kb = st.get("VmHWM", 0)
         self._run_peak = self._baseline
         self._t0 = time.perf_counter()
+        self._peak_sample = self._breakdown(st, self._baseline)
         self._stop.clear()
         self._status = _StatusReader()
         self._thread = threading.Thread(target=self._run, name="hrlr-memory-meter", daemon=True)
@@ -218,9 +254,14 @@ class MemoryMeter:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
+    def _breakdown(self, st: dict[str, int], rss: float) -> PeakSample:
+        part = (lambda k: st[k] / 1024 if k in st else None)
+        return PeakSample(rss, part("RssAnon"), part("RssFile"), part("RssShmem"),
+                          time.perf_counter() - self._t0, tuple(e.name for e in self._open))
+
     def _sample(self) -> None:
         reader = self._status
-        st = reader.read() if reader is not None else read_status_kb()
+        st = reader.read() if reader is not None else read_status_kb(STATUS_KEYS)
         if not st:
             return
         rss = st.get("VmRSS", 0) / 1024
@@ -232,6 +273,8 @@ class MemoryMeter:
                 peak = max(peak, hwm_kb / 1024)
                 self._last_hwm_kb = hwm_kb
             self._run_peak = max(self._run_peak, peak)
+            if self._peak_sample is None or rss > self._peak_sample.rss_mb:
+                self._peak_sample = self._breakdown(st, rss)
             for e in self._open:
                 if peak > e.peak_rss_mb:
                     e.peak_rss_mb = peak
@@ -312,6 +355,7 @@ class MemoryMeter:
             run_peak_rss_mb=self._run_peak,
             spill_mb=None if self.spill is None else self.spill[0] / MB,
             spill_dir=None if self.spill is None else self.spill[1],
+            peak_sample=self._peak_sample,
         )
 
 

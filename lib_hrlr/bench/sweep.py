@@ -152,6 +152,7 @@ def run_config(cfg: SweepConfig, ckpt: str, *, steps: int = 2, taesd_dir: str | 
                 rep = json.load(fh)
             row["estimate_mb"] = round(max(s["mb"] for s in rep["plan"]["stages"]), 1)
             row["tile_batch"] = rep["plan"]["tile_batch"]
+            row["tiles"] = rep["stats"].get("tiles")  # of the tiled pass (0: the base image was the output)
             row["margin_mb"] = round(cfg.budget_mb - peak, 1)
         else:
             row["message"] = tail

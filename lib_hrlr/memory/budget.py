@@ -43,6 +43,17 @@ UNET_SAMPLE_MAPS = 12.0
 UNET_FIXED_MB = 120.0
 # whole-canvas float32 latents alive during the tiled pass: x, noise, guide, the sampler's
 # previous denoised, the blend's float64 sum (2) and weight sum, the result...
+# Small calls have a floor: their activations are estimated as at least UNET_MIN_CALL_MAPS
+# feature maps of model_channels x 64 x 64 (5/3 of a sample at SD 1.x's native latent), whatever
+# the tile and the samples.  The same one-sample plan (SD 1.5, fp32, 600 MB, tile 56, 768², one
+# sample per call) peaked at 502.7, 607.5, 504.5, 599.2 and 531.7 MB in five runs (2026-12-07;
+# the highest samples in the decoder blocks, the difference anonymous memory), i.e. its calls
+# reached up to ~370 MB above the planning baseline (cache and canvas apart) where fixed + maps
+# gave 310-330 MB; the floor makes that 376 MB.  Calls with more samples were seen at or under
+# the fixed + maps estimate (4 samples at 64: 709-764 MB against 762), and SDXL's one-sample
+# calls estimate above the floor, so only SD 1.x's smallest fp32 calls change: fp32 SD 1.5 at
+# 600 MB is refused (its base pass alone needs about 627 MB); 650 MB is planned.
+UNET_MIN_CALL_MAPS = 20.0
 CANVAS_COPIES = 10
 SAFETY = 1.05
 # inside a long-lived host process (the webui) the run's own additions measured 8.5 % above
@@ -97,7 +108,8 @@ def unet_call_bytes(model: ModelConfig, tile: int, samples: int, dtype_bytes: in
     per_sample = UNET_SAMPLE_MAPS * model.unet.model_channels * (tile * tile if area is None else area) * dtype_bytes
     largest = largest_unet_tensor(model)
     fixed = 1.1 * largest * dtype_bytes + min(largest * dtype_bytes, STREAM_CONV_BYTES) + UNET_FIXED_MB * MB
-    return int(fixed + per_sample * samples)
+    least = UNET_MIN_CALL_MAPS * model.unet.model_channels * 64 * 64 * dtype_bytes
+    return int(fixed + max(per_sample * samples, least))
 
 
 def text_stage_bytes(model: ModelConfig, dtype_bytes: int) -> int:

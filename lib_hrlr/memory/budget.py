@@ -41,8 +41,6 @@ UNET_SAMPLE_MAPS = 12.0
 # 2048² SD 1.5 bench with 2 tiles per call peaked 570 MB above its baseline against 532 MB
 # (call, canvas and a 46 MB cache) estimated with 80 here
 UNET_FIXED_MB = 120.0
-# whole-canvas float32 latents alive during the tiled pass: x, noise, guide, the sampler's
-# previous denoised, the blend's float64 sum (2) and weight sum, the result...
 # Small calls have a floor: their activations are estimated as at least UNET_MIN_CALL_MAPS
 # feature maps of model_channels x 64 x 64 (5/3 of a sample at SD 1.x's native latent), whatever
 # the tile and the samples.  The same one-sample plan (SD 1.5, fp32, 600 MB, tile 56, 768², one
@@ -52,8 +50,10 @@ UNET_FIXED_MB = 120.0
 # gave 310-330 MB; the floor makes that 376 MB.  Calls with more samples were seen at or under
 # the fixed + maps estimate (4 samples at 64: 709-764 MB against 762), and SDXL's one-sample
 # calls estimate above the floor, so only SD 1.x's smallest fp32 calls change: fp32 SD 1.5 at
-# 600 MB is refused (its base pass alone needs about 627 MB); 650 MB is planned.
+# 600 MB is refused (its base pass alone needs about 638 MB); 650 MB is planned.
 UNET_MIN_CALL_MAPS = 20.0
+# whole-canvas float32 latents alive during the tiled pass: x, noise, guide, the sampler's
+# previous denoised, the blend's float64 sum (2) and weight sum, the result...
 CANVAS_COPIES = 10
 SAFETY = 1.05
 # inside a long-lived host process (the webui) the run's own additions measured 8.5 % above

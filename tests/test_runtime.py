@@ -114,10 +114,10 @@ tune_allocator()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 rss = lambda: read_status_kb()["VmRSS"] / 1024
 
-def loop():
+def loop(elements=2 << 20):
     f0 = faults()
     for _ in range(50):
-        torch.ones(2 << 20).add_(1)
+        torch.ones(elements).add_(1)
     return faults() - f0
 
 out = {"before": loop()}
@@ -127,7 +127,9 @@ with reused_heap():
     out["inside"] = loop()
     out["held_mb"] = rss() - base
 out["left_mb"] = rss() - base
-out["after"] = loop()
+# larger than any free chunk the heap kept (glibc serves a request from a free chunk below the
+# top before it considers mmap, so 8 MB tensors may reuse one after leaving: a 4095-fault run)
+out["after"] = loop(8 << 20)
 print(json.dumps(out))
 """
 
@@ -137,10 +139,10 @@ def test_reused_heap_serves_repeated_tensors_without_page_faults_and_returns_the
                          timeout=120)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"50 x 8 MB tensors: {r['before']} page faults tuned, {r['inside']} within reused_heap() "
-          f"(heap held {r['held_mb']:.1f} MB, {r['left_mb']:.1f} MB after leaving), {r['after']} after")
+          f"(heap held {r['held_mb']:.1f} MB, {r['left_mb']:.1f} MB after leaving), {r['after']} after (32 MB tensors)")
     pages = 50 * (8 << 20) // 4096
     assert r["before"] > 0.9 * pages  # every tensor faults in all its pages
     assert r["inside"] < 0.02 * pages  # one mapping, reused
     assert r["held_mb"] > 7  # the freed tensor stays in the heap for the next one...
     assert r["left_mb"] < 2  # ...and leaves with the context
-    assert r["after"] > 0.9 * pages  # the tuned threshold is back
+    assert r["after"] > 0.9 * 4 * pages  # the tuned threshold is back: 32 MB tensors are fresh mmaps

@@ -40,9 +40,9 @@ def test_every_stage_fits_the_budget_at_800():
 def test_small_calls_are_estimated_above_the_highest_one_measured():
     """Five runs of one plan (SD 1.5, fp32, 768², tile 56, one sample per call) peaked up to
     ~370 MB above the planning baseline (607.5 MB once at a 600 MB budget: 607.5 − 231.5 baseline
-    − 5 cache − 1.4 canvas): no one-sample call is estimated below that, so fp32 SD 1.5 is refused at 600 MB,
-    naming what its base pass needs, and planned at 650 MB; the 800 MB plan keeps 2 tiles per
-    call (four-sample calls measured at or under their estimate)."""
+    − 5 cache − 1.4 canvas): no one-sample call is estimated below that, so fp32 SD 1.5 is
+    refused at 600 MB, naming what its base pass needs, and planned at 650 MB; the 800 MB plan
+    keeps 2 tiles per call (four-sample calls measured at or under their estimate)."""
     for tile in (48, 56, 64):
         assert unet_call_bytes(SD15, tile, 1, 4) / MB >= 370
     base = dict(canvas_pixels=96 * 96, base_pixels=64 * 64, samples_per_tile=2)

@@ -7,6 +7,7 @@ Exit status: 0 done, 2 bad input (the message names the field), 130 interrupted,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -245,6 +246,23 @@ def run_upscale(a) -> int:
     base = params_from_args(a)
     params = upscale_params(a.image, scale=a.scale, width=a.width, height=a.height, strength=a.strength, params=base)
     return run_generate(a, params, kind="upscale")
+
+
+# torch's CPU allocator: with this set to 1 when torch starts, every tensor of 2 MB or more is
+# 2 MB-aligned and advised to the kernel as transparent huge pages (madvise MADV_HUGEPAGE, used
+# where THP is "always" or "madvise"), so it is faulted in 2 MB at a time instead of 4 KB.  Such
+# tensors are still unmapped when freed, so nothing stays resident after them.  SD 1.5, fp32,
+# 4 samples at 64x64, 2 threads, one resident UNet call: 2.87 M minor page faults, 12.0 s of
+# system time and 43.2 s wall without it; 0.35 M, 6.7 s and 40.9 s with it.
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def entry() -> int:
+    """The ``hrlr`` command and ``python -m lib_hrlr``: :func:`main`, with large tensors in
+    transparent huge pages (:data:`THP_ENV`, unless the environment sets it; torch reads it once,
+    so this must run before torch is imported)."""
+    os.environ.setdefault(THP_ENV, "1")
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

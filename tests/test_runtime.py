@@ -146,3 +146,62 @@ def test_reused_heap_serves_repeated_tensors_without_page_faults_and_returns_the
     assert r["held_mb"] > 7  # the freed tensor stays in the heap for the next one...
     assert r["left_mb"] < 2  # ...and leaves with the context
     assert r["after"] > 0.9 * 4 * pages  # the tuned threshold is back: 32 MB tensors are fresh mmaps
+
+
+# the command's entry point, then 64 MB tensors made and freed as a UNet call does: the kernel's
+# counters (page faults, AnonHugePages while one is alive) say how they were mapped
+ENTRY_THP = r"""
+import json, os, resource, sys
+import lib_hrlr.cli as cli
+seen = {}
+def main():
+    seen["env"] = os.environ.get(cli.THP_ENV)
+    seen["torch_before"] = "torch" in sys.modules
+    import torch
+    from lib_hrlr.runtime import tune_allocator
+    tune_allocator()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        t = torch.ones(16 << 20)
+        with open("/proc/self/smaps_rollup") as f:
+            seen["huge_kb"] = [int(l.split()[1]) for l in f if l.startswith("AnonHugePages")][0]
+        del t
+    seen["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return 0
+cli.main = main
+cli.entry()
+print(json.dumps(seen))
+"""
+
+
+def transparent_huge_pages() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else None
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_the_command_maps_large_tensors_in_huge_pages_unless_told_not_to(setting):
+    mode = transparent_huge_pages()
+    if mode not in ("always", "madvise"):
+        pytest.skip(f"the kernel's transparent huge pages are {mode!r} here")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    out = subprocess.run([sys.executable, "-c", ENTRY_THP], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"THP {mode}, THP_MEM_ALLOC_ENABLE={r['env']}: 10 x 64 MB tensors, {r['faults']} page faults, "
+          f"{r['huge_kb']} kB AnonHugePages")
+    assert r["torch_before"] is False  # torch reads the variable once, when it starts
+    pages = 10 * (64 << 20) // 4096
+    if setting is None:
+        assert r["env"] == "1"
+        assert r["faults"] < 0.1 * pages  # one fault per 2 MB (where the kernel had a huge page free)
+        assert r["huge_kb"] >= 32 * 1024
+    else:
+        assert r["env"] == "0"  # the user's choice stands
+        if mode == "madvise":
+            assert r["faults"] > 0.9 * pages and r["huge_kb"] == 0

@@ -530,6 +530,6 @@ def test_requirements_txt_is_the_one_dependency_list_pyproject_reads():
     assert st["packages"]["find"]["include"] == ["lib_hrlr", "lib_hrlr.*"]
     assert st["package-data"]["lib_hrlr.text"] == ["assets/*"]
     assert (ROOT / "lib_hrlr" / "text" / "assets" / "clip_merges.txt.gz").is_file()
-    assert py["project"]["scripts"] == {"hrlr": "lib_hrlr.cli:main"}
+    assert py["project"]["scripts"] == {"hrlr": "lib_hrlr.cli:entry"}
     dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
     assert "-r requirements.txt" in dev and "-e ." in dev  # the README's test command installs `hrlr`

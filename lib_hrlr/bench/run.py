@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+from ..cli import THP_ENV
 from . import write_json
 
 PROMPT = "a lighthouse on a cliff above a stormy sea at sunset, dramatic clouds, highly detailed"
@@ -132,6 +133,7 @@ def run_bench(a) -> int:
         cmd = child_command(a, ckpt, out_png, report, bench_image(a, tmp) if mode == "upscale" else None)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault(THP_ENV, "1")  # what the child's entry point sets; recorded below
         from .child import CgroupUnavailable, run_child
 
         try:
@@ -175,6 +177,8 @@ def run_bench(a) -> int:
         "plan": rep["plan"],
         "threads": __import__("torch").get_num_threads(),
         "weight_cache": st.get("weight_cache"), "weight_cache_prepare_s": prepared,
+        # torch's huge pages for large tensors in the child (cli.THP_ENV: "1" on, "0" off)
+        "thp_mem_alloc": env[THP_ENV],
     }
     if child.cgroup:
         result["cgroup"] = child.cgroup  # limit_mb, peak_mb (page cache included), oom_kills, cold

@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 
-from . import write_json
+from . import child_env, write_json
 
 SCHEMA = "hrlr-peer-bench/1"
 STAGES = ("text_encoder", "base_unet", "base_decode", "guide_encode", "tiled_unet", "vae_decode", "png_write")
@@ -180,7 +180,7 @@ def run_peer_bench(a) -> int:
     folder = str(export_diffusers_folder(ckpt))
     print(f"weights: {ckpt} and {folder} (ready in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     prepare_weight_cache(a, ckpt)  # our prepared UNet file exists before the timed run, as after a first run
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = child_env(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     job = {"arch": a.arch, "width": a.width, "height": a.height, "steps": a.steps,
            "tiled_steps": tiled_steps(a.steps, a.strength), "strength": a.strength, "tile": tile, "overlap": overlap,
            "tiles": len(plan.tiles), "dtype": dtype, "threads": threads, "vae": a.vae, "budget_mb": a.budget_mb,

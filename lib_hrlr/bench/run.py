@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from ..cli import THP_ENV
-from . import write_json
+from . import child_env, write_json
 
 PROMPT = "a lighthouse on a cliff above a stormy sea at sunset, dramatic clouds, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -131,9 +131,7 @@ def run_bench(a) -> int:
         out_png = os.path.join(tmp, "bench.png")
         report = os.path.join(tmp, "report.json")
         cmd = child_command(a, ckpt, out_png, report, bench_image(a, tmp) if mode == "upscale" else None)
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.setdefault(THP_ENV, "1")  # what the child's entry point sets; recorded below
+        env = child_env()
         from .child import CgroupUnavailable, run_child
 
         try:
